@@ -1,0 +1,8 @@
+//! nix-cri: run Nix store paths as Kubernetes images through a CRI proxy.
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod config;
+pub mod image;
+pub mod nix;
+pub mod store;

@@ -1,0 +1,331 @@
+//! Harness for nix-cri's end-to-end tests: real Nix fixtures, a loopback binary-cache server
+//! that counts requests and can inject faults, and helpers to run real Nix and the nix-cri
+//! binary.
+//!
+//! The tests need Nix 2.8 (`nix-bin`) and the fixture caches; `hack/test` installs and builds
+//! everything. Run alone, a test that finds them missing fails with a message saying so: it
+//! never passes by skipping.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The fixture closures and caches (see hack/fixtures/README.md).
+pub struct Fixtures {
+    pub dir: PathBuf,
+    pub manifest: Value,
+}
+
+impl Fixtures {
+    fn str_at(&self, pointer: &str) -> &str {
+        self.manifest
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("fixture manifest has no {pointer}"))
+    }
+    pub fn path(&self, key: &str) -> &str {
+        self.str_at(&format!("/paths/{key}"))
+    }
+    pub fn closure(&self, key: &str) -> &str {
+        self.str_at(&format!("/closures/{key}"))
+    }
+    pub fn cache_dir(&self, compression: &str) -> PathBuf {
+        PathBuf::from(self.str_at(&format!("/caches/{compression}")))
+    }
+    pub fn public_key(&self) -> &str {
+        self.str_at("/public_key")
+    }
+    pub fn untrusted_public_key(&self) -> &str {
+        self.str_at("/untrusted_public_key")
+    }
+    pub fn secret_key_file(&self) -> &str {
+        self.str_at("/secret_key_file")
+    }
+    pub fn untrusted_secret_key_file(&self) -> &str {
+        self.str_at("/untrusted_secret_key_file")
+    }
+}
+
+/// Builds the fixtures once per test process (the build script is idempotent and takes a file
+/// lock, so concurrent test binaries share one build).
+pub fn fixtures() -> &'static Fixtures {
+    static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        let dir = std::env::var_os("NIX_CRI_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join("target/e2e-fixtures"));
+        let script = workspace().join("hack/fixtures/build.sh");
+        require_tool("nix-store");
+        std::fs::create_dir_all(&dir).expect("create the fixture dir");
+        let lock = std::fs::File::create(dir.with_extension("lock")).expect("fixture lock");
+        lock.lock().expect("lock fixtures");
+        let output = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .expect("run hack/fixtures/build.sh");
+        assert!(
+            output.status.success(),
+            "hack/fixtures/build.sh failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let manifest = std::fs::read(dir.join("manifest.json")).expect("fixture manifest");
+        Fixtures {
+            manifest: serde_json::from_slice(&manifest).expect("fixture manifest is JSON"),
+            dir,
+        }
+    })
+}
+
+/// Panics with a clear instruction when a tool the test needs is missing.
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed: run hack/setup (or hack/test), which installs it"
+    );
+}
+
+/// The nix-cri binary, built by `cargo build` before the tests (hack/test does so).
+pub fn nix_cri_bin() -> PathBuf {
+    let bin = std::env::var_os("NIX_CRI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/debug/nix-cri"));
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (hack/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs a command, returning its output; fails with the command line and stderr if it fails.
+pub fn run(command: &mut Command) -> anyhow::Result<Output> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed with {}:\nstdout: {}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output)
+}
+
+/// A `Command` for real Nix with the experimental CLI enabled.
+pub fn nix_command(program: &str) -> Command {
+    let mut command = Command::new(program);
+    command.env("NIX_CONFIG", "experimental-features = nix-command");
+    command
+}
+
+/// What the server does to one request instead of serving it plainly.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this status and an empty body.
+    Status(u16),
+    /// Send the headers and this many body bytes, then close the connection.
+    Truncate(usize),
+    /// Send the headers and this many body bytes, then send nothing more (keep it open).
+    Stall(usize),
+    /// Serve these bytes instead of the file.
+    Replace(Bytes),
+    /// Send the body in small pieces with this pause between them.
+    Drip { chunk: usize, pause: Duration },
+}
+
+#[derive(Default)]
+struct ServerState {
+    requests: HashMap<String, usize>,
+    /// Faults by request path, used up one per request, in order.
+    faults: HashMap<String, VecDeque<Fault>>,
+}
+
+/// A static HTTP binary-cache server on 127.0.0.1 over a directory, counting requests per path.
+pub struct CacheServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<ServerState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CacheServer {
+    pub async fn start(dir: PathBuf) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(ServerState::default()));
+        let dir = Arc::new(dir);
+        let task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let state = state.clone();
+                    let dir = dir.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| serve(req, dir.clone(), state.clone()));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests seen for `path` (e.g. `/nar/xyz.nar.xz`).
+    pub fn requests(&self, path: &str) -> usize {
+        self.lock().requests.get(path).copied().unwrap_or(0)
+    }
+
+    /// Every request path with its count.
+    pub fn all_requests(&self) -> HashMap<String, usize> {
+        self.lock().requests.clone()
+    }
+
+    /// The next requests of `path` get these faults, in order; later ones are served normally.
+    pub fn inject(&self, path: &str, faults: impl IntoIterator<Item = Fault>) {
+        self.lock()
+            .faults
+            .entry(path.to_owned())
+            .or_default()
+            .extend(faults);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ServerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+async fn serve(
+    req: Request<hyper::body::Incoming>,
+    dir: Arc<PathBuf>,
+    state: Arc<Mutex<ServerState>>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let fault = {
+        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+        *state.requests.entry(path.clone()).or_default() += 1;
+        state.faults.get_mut(&path).and_then(VecDeque::pop_front)
+    };
+    let relative = path.trim_start_matches('/');
+    let file = if relative.split('/').any(|c| c == ".." || c.is_empty()) {
+        None
+    } else {
+        std::fs::read(dir.join(relative)).ok().map(Bytes::from)
+    };
+    let full = |status: StatusCode, body: Bytes| {
+        let mut response = Response::new(Full::new(body).map_err(|e| match e {}).boxed());
+        *response.status_mut() = status;
+        Ok(response)
+    };
+    let Some(contents) = file else {
+        return full(StatusCode::NOT_FOUND, Bytes::new());
+    };
+    match fault {
+        None => full(StatusCode::OK, contents),
+        Some(Fault::Status(code)) => full(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            Bytes::new(),
+        ),
+        Some(Fault::Replace(bytes)) => full(StatusCode::OK, bytes),
+        Some(Fault::Truncate(n)) => {
+            let head = contents.slice(..n.min(contents.len()));
+            let len = contents.len();
+            let stream = futures_stream(vec![Ok(head), Err(std::io::Error::other("cut"))]);
+            let mut response = Response::new(stream);
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_LENGTH, len.into());
+            Ok(response)
+        }
+        Some(Fault::Stall(n)) => {
+            let head = contents.slice(..n.min(contents.len()));
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(head))).await;
+                // Hold the sender: the body never ends until the client gives up.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(tx);
+            });
+            let body = StreamBody::new(tokio_stream_from(rx));
+            Ok(Response::new(BodyExt::boxed(body)))
+        }
+        Some(Fault::Drip { chunk, pause }) => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+            tokio::spawn(async move {
+                for piece in contents.chunks(chunk.max(1)) {
+                    if tx
+                        .send(Ok(Frame::data(Bytes::copy_from_slice(piece))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            });
+            Ok(Response::new(BodyExt::boxed(StreamBody::new(
+                tokio_stream_from(rx),
+            ))))
+        }
+    }
+}
+
+fn futures_stream(items: Vec<Result<Bytes, std::io::Error>>) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel(items.len().max(1));
+    for item in items {
+        let _ = tx.try_send(item.map(Frame::data));
+    }
+    BodyExt::boxed(StreamBody::new(tokio_stream_from(rx)))
+}
+
+/// An mpsc receiver as a `Stream`.
+fn tokio_stream_from<T>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -12,6 +12,10 @@ use crate::store::SubstituterConfig;
 
 /// The store root when none is configured: never `/`, so a host's own Nix is left alone.
 pub const DEFAULT_ROOT: &str = "/var/lib/nix-cri";
+pub const DEFAULT_LISTEN: &str = "/run/nix-cri/nix-cri.sock";
+pub const DEFAULT_UPSTREAM: &str = "/run/containerd/containerd.sock";
+pub const DEFAULT_REGISTRY_ADDR: &str = "127.0.0.1:7480";
+pub const DEFAULT_RUNTIME_HANDLER: &str = "nix";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -56,6 +60,22 @@ pub struct Config {
     pub stall_timeout_secs: Option<f64>,
     /// Retries of a failed request (server errors, resets, stalls). Default 3.
     pub retries: Option<u32>,
+    /// The CRI socket nix-cri serves (kubelet's containerRuntimeEndpoint and
+    /// imageServiceEndpoint). Default `/run/nix-cri/nix-cri.sock`.
+    pub listen: Option<PathBuf>,
+    /// The runtime's CRI socket. Default `/run/containerd/containerd.sock`.
+    pub upstream: Option<PathBuf>,
+    /// Loopback address of the embedded registry that serves root images to the runtime.
+    /// Keep it fixed: the runtime records it in the images it pulled. Default
+    /// `127.0.0.1:7480`.
+    pub registry_addr: Option<std::net::SocketAddr>,
+    /// The RuntimeClass handler that opts pods in. Default `nix`.
+    pub runtime_handler: Option<String>,
+    /// The runtime's handler that opted-in sandboxes run with. Default empty: the runtime's
+    /// default handler.
+    pub upstream_runtime_handler: Option<String>,
+    /// Allow nix images in every pod, not only those with the nix RuntimeClass. Default false.
+    pub allow_all_sandboxes: Option<bool>,
 }
 
 impl Config {
@@ -71,33 +91,90 @@ impl Config {
     }
 
     /// `self` with every setting `overrides` makes replacing ours (lists replace, not extend).
-    pub fn overridden_by(mut self, overrides: Config) -> Config {
-        if overrides.root.is_some() {
-            self.root = overrides.root;
-        }
-        if !overrides.substituters.is_empty() {
-            self.substituters = overrides.substituters;
-        }
-        if !overrides.trusted_public_keys.is_empty() {
-            self.trusted_public_keys = overrides.trusted_public_keys;
-        }
-        macro_rules! take {
-            ($($field:ident),*) => { $( if overrides.$field.is_some() { self.$field = overrides.$field; } )* };
-        }
-        take!(
+    pub fn overridden_by(self, overrides: Config) -> Config {
+        // Destructured without `..`: a new field that is not merged here does not compile.
+        let Config {
+            root,
+            substituters,
+            trusted_public_keys,
             no_require_sigs,
             jobs,
             connect_timeout_secs,
             stall_timeout_secs,
-            retries
-        );
-        self
+            retries,
+            listen,
+            upstream,
+            registry_addr,
+            runtime_handler,
+            upstream_runtime_handler,
+            allow_all_sandboxes,
+        } = overrides;
+        let list =
+            |ours: Vec<String>, theirs: Vec<String>| if theirs.is_empty() { ours } else { theirs };
+        Config {
+            root: root.or(self.root),
+            substituters: list(self.substituters, substituters),
+            trusted_public_keys: list(self.trusted_public_keys, trusted_public_keys),
+            no_require_sigs: no_require_sigs.or(self.no_require_sigs),
+            jobs: jobs.or(self.jobs),
+            connect_timeout_secs: connect_timeout_secs.or(self.connect_timeout_secs),
+            stall_timeout_secs: stall_timeout_secs.or(self.stall_timeout_secs),
+            retries: retries.or(self.retries),
+            listen: listen.or(self.listen),
+            upstream: upstream.or(self.upstream),
+            registry_addr: registry_addr.or(self.registry_addr),
+            runtime_handler: runtime_handler.or(self.runtime_handler),
+            upstream_runtime_handler: upstream_runtime_handler.or(self.upstream_runtime_handler),
+            allow_all_sandboxes: allow_all_sandboxes.or(self.allow_all_sandboxes),
+        }
     }
 
     pub fn root(&self) -> PathBuf {
         self.root
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
+    }
+
+    pub fn listen(&self) -> PathBuf {
+        self.listen
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_LISTEN))
+    }
+
+    pub fn upstream(&self) -> PathBuf {
+        self.upstream
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_UPSTREAM))
+    }
+
+    pub fn proxy_config(&self) -> Result<crate::cri::ProxyConfig, ConfigError> {
+        let registry_addr = match self.registry_addr {
+            Some(addr) => addr,
+            None => DEFAULT_REGISTRY_ADDR
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("registry_addr: {e}")))?,
+        };
+        if !registry_addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "registry_addr {registry_addr} must be a loopback address: root images are for \
+                 this node's runtime only"
+            )));
+        }
+        let runtime_handler = self
+            .runtime_handler
+            .clone()
+            .unwrap_or_else(|| DEFAULT_RUNTIME_HANDLER.to_owned());
+        if runtime_handler.is_empty() {
+            return Err(ConfigError::Invalid(
+                "runtime_handler must not be empty: pods opt in by naming it".into(),
+            ));
+        }
+        Ok(crate::cri::ProxyConfig {
+            runtime_handler,
+            upstream_runtime_handler: self.upstream_runtime_handler.clone().unwrap_or_default(),
+            allow_all_sandboxes: self.allow_all_sandboxes.unwrap_or(false),
+            registry_addr,
+        })
     }
 
     pub fn substituter_urls(&self) -> Result<Vec<SubstituterUrl>, ConfigError> {
@@ -181,6 +258,46 @@ mod tests {
         assert_eq!(merged.substituters, vec!["file:///tmp/c".to_owned()]);
         assert_eq!(merged.retries, Some(5));
         assert_eq!(merged.jobs, Some(8));
+    }
+
+    #[test]
+    fn every_serve_key_can_be_overridden() {
+        let file: Config = toml_from_str(
+            r#"
+            listen = "/run/a.sock"
+            upstream = "/run/b.sock"
+            registry_addr = "127.0.0.1:1"
+            runtime_handler = "nixos"
+            "#,
+        )
+        .unwrap();
+        let flags = Config {
+            listen: Some("/run/c.sock".into()),
+            upstream: Some("/run/d.sock".into()),
+            registry_addr: Some("127.0.0.1:0".parse().unwrap()),
+            upstream_runtime_handler: Some("runc".into()),
+            allow_all_sandboxes: Some(true),
+            ..Config::default()
+        };
+        let merged = file.overridden_by(flags);
+        assert_eq!(merged.listen(), PathBuf::from("/run/c.sock"));
+        assert_eq!(merged.upstream(), PathBuf::from("/run/d.sock"));
+        let proxy = merged.proxy_config().unwrap();
+        assert_eq!(proxy.registry_addr.port(), 0);
+        assert_eq!(proxy.runtime_handler, "nixos");
+        assert_eq!(proxy.upstream_runtime_handler, "runc");
+        assert!(proxy.allow_all_sandboxes);
+        let remote = Config {
+            registry_addr: Some("10.0.0.1:5000".parse().unwrap()),
+            ..Config::default()
+        };
+        assert!(
+            remote
+                .proxy_config()
+                .unwrap_err()
+                .to_string()
+                .contains("loopback")
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 pub mod cache;
 pub mod config;
+pub mod cri;
 pub mod image;
 pub mod nix;
+pub mod registry;
 pub mod store;

@@ -6,6 +6,8 @@
 //! everything. Run alone, a test that finds them missing fails with a message saying so: it
 //! never passes by skipping.
 
+pub mod containerd;
+
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,7 +40,7 @@ pub struct Fixtures {
 }
 
 impl Fixtures {
-    fn str_at(&self, pointer: &str) -> &str {
+    pub fn str_at(&self, pointer: &str) -> &str {
         self.manifest
             .pointer(pointer)
             .and_then(Value::as_str)
@@ -112,17 +114,25 @@ pub fn require_tool(name: &str) {
     );
 }
 
-/// The nix-cri binary, built by `cargo build` before the tests (hack/test does so).
+/// The nix-cri binary. Cargo builds a package's binaries only for that package's own tests, so
+/// the harness builds it once per test process: a test never runs a stale binary.
+/// `NIX_CRI_BIN` names a prebuilt one instead.
 pub fn nix_cri_bin() -> PathBuf {
-    let bin = std::env::var_os("NIX_CRI_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/debug/nix-cri"));
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bins` first (hack/test does)",
-        bin.display()
-    );
-    bin
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("NIX_CRI_BIN") {
+            return PathBuf::from(bin);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "nix-cri-cmd", "--bin", "nix-cri"])
+            .current_dir(workspace())
+            .status()
+            .expect("run cargo build for the nix-cri binary");
+        assert!(status.success(), "cargo build -p nix-cri-cmd failed");
+        workspace().join("target/debug/nix-cri")
+    })
+    .clone()
 }
 
 /// Runs a command, returning its output; fails with the command line and stderr if it fails.
@@ -328,4 +338,82 @@ fn tokio_stream_from<T>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// `nix-cri serve` as a child process, as the node runs it.
+pub struct NixCriServer {
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub log: PathBuf,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl NixCriServer {
+    /// Starts nix-cri in front of `upstream` with the fixture key trusted and `cache_url` as
+    /// its substituter; waits until its socket accepts connections.
+    pub async fn start(
+        upstream: &Path,
+        cache_url: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("nix-cri.sock");
+        let root = dir.path().join("root");
+        let log = dir.path().join("nix-cri.log");
+        let child = Command::new(nix_cri_bin())
+            .arg("serve")
+            .arg("--listen")
+            .arg(&socket)
+            .arg("--upstream")
+            .arg(upstream)
+            .arg("--root")
+            .arg(&root)
+            .args(["--registry-addr", "127.0.0.1:0"])
+            .args(["--substituter", cache_url])
+            .args(["--trusted-public-key", fixtures().public_key()])
+            .args(extra_args)
+            .env("NIX_CRI_LOG", "nix_cri=debug,info")
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start nix-cri serve")?;
+        let mut server = Self {
+            socket,
+            root,
+            log,
+            child,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if tokio::net::UnixStream::connect(&server.socket)
+                .await
+                .is_ok()
+            {
+                return Ok(server);
+            }
+            if let Some(status) = server.child.try_wait()? {
+                bail!("nix-cri exited with {status}:\n{}", server.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("nix-cri did not listen within 10s:\n{}", server.log_tail())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Kills nix-cri at once, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NixCriServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -72,19 +72,27 @@ fn make_writable(dir: &Path) -> io::Result<()> {
 
 /// Disk bytes a tree occupies (allocated blocks), for GC reports.
 pub fn disk_usage(path: &Path) -> u64 {
+    disk_usage_and_inodes(path).0
+}
+
+/// Disk bytes (allocated blocks) and inodes of a tree. Hard links count once per link: the
+/// store does not make them.
+pub fn disk_usage_and_inodes(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = fs::symlink_metadata(path) else {
-        return 0;
+        return (0, 0);
     };
-    let mut total = meta.blocks() * 512;
+    let (mut bytes, mut inodes) = (meta.blocks() * 512, 1);
     if meta.is_dir()
         && let Ok(entries) = fs::read_dir(path)
     {
         for entry in entries.flatten() {
-            total += disk_usage(&entry.path());
+            let (b, i) = disk_usage_and_inodes(&entry.path());
+            bytes += b;
+            inodes += i;
         }
     }
-    total
+    (bytes, inodes)
 }
 
 #[cfg(test)]

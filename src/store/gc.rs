@@ -32,6 +32,26 @@ impl Store {
         self.collect(false, Some(&only))
     }
 
+    /// Collects what of `top`'s closure no root reaches any more, on a thread of its own:
+    /// the collection waits for running pulls (they hold the GC lock), and the CRI call that
+    /// dropped the root should not.
+    pub fn collect_closure_in_background(self: &std::sync::Arc<Self>, top: StorePath) {
+        let store = self.clone();
+        std::thread::spawn(move || {
+            let closure: Vec<StorePath> = match store.closure(std::slice::from_ref(&top)) {
+                Ok(closure) => closure.into_iter().collect(),
+                Err(err) => {
+                    tracing::debug!(%top, %err, "nothing to collect");
+                    return;
+                }
+            };
+            match store.collect_unreachable(&closure) {
+                Ok(report) => tracing::info!(%top, deleted = report.dead.len(), "collected"),
+                Err(err) => tracing::warn!(%top, %err, "cannot collect"),
+            }
+        });
+    }
+
     fn collect(
         &self,
         dry_run: bool,

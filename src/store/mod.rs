@@ -97,6 +97,7 @@ pub struct Store {
     /// (which takes it exclusively) cannot run under us.
     _big_lock: File,
     temp_counter: AtomicU64,
+    disk_usage: Mutex<Option<(std::time::Instant, (u64, u64))>>,
 }
 
 /// A held `gc.lock`; shared for pulls, exclusive for GC. The lock is the open file itself:
@@ -152,6 +153,7 @@ impl Store {
             db: Mutex::new(db),
             _big_lock: big_lock,
             temp_counter: AtomicU64::new(0),
+            disk_usage: Mutex::new(None),
         };
         store.remove_leftovers_if_idle()?;
         Ok(store)
@@ -208,6 +210,34 @@ impl Store {
             seen.insert(path);
         }
         Ok(seen)
+    }
+
+    /// Sum of the NAR sizes of `top`'s closure.
+    pub fn closure_nar_size(&self, top: &StorePath) -> Result<u64, StoreError> {
+        let closure = self.closure(std::slice::from_ref(top))?;
+        let db = self.db();
+        let mut total = 0;
+        for path in &closure {
+            total += db.path_info(path)?.map(|i| i.nar_size).unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    /// Disk bytes and inodes under the store directory, recomputed at most every 30 seconds.
+    pub fn disk_usage_cached(&self) -> (u64, u64) {
+        const FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+        let mut cached = self
+            .disk_usage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((at, usage)) = *cached
+            && at.elapsed() < FRESH_FOR
+        {
+            return usage;
+        }
+        let usage = fs::disk_usage_and_inodes(&self.store_dir);
+        *cached = Some((std::time::Instant::now(), usage));
+        usage
     }
 
     pub fn usage(&self) -> Result<StoreUsage, StoreError> {

@@ -16,17 +16,25 @@ use super::{Store, StoreError, io_err};
 pub enum RootKind {
     Image,
     Container,
+    /// A pull in progress: holds the closure until the image's own root exists.
+    Pull,
     /// `nix-cri pull` from the command line.
     Cli,
 }
 
 impl RootKind {
-    const ALL: [RootKind; 3] = [RootKind::Image, RootKind::Container, RootKind::Cli];
+    const ALL: [RootKind; 4] = [
+        RootKind::Image,
+        RootKind::Container,
+        RootKind::Pull,
+        RootKind::Cli,
+    ];
 
-    fn dir_name(self) -> &'static str {
+    pub fn dir_name(self) -> &'static str {
         match self {
             RootKind::Image => "images",
             RootKind::Container => "containers",
+            RootKind::Pull => "pulls",
             RootKind::Cli => "cli",
         }
     }
@@ -104,6 +112,13 @@ impl Store {
         let _ = std::fs::remove_file(&temp);
         std::os::unix::fs::symlink(path.to_absolute_path(), &temp).map_err(io_err(&temp))?;
         std::fs::rename(&temp, &link).map_err(io_err(&link))
+    }
+
+    /// What `name` holds, if it exists.
+    pub fn root_target(&self, name: &RootName) -> Option<StorePath> {
+        std::fs::read_link(self.root_link(name))
+            .ok()
+            .and_then(|target| store_path_in(&target))
     }
 
     /// Drops a root; dropping one that does not exist is fine (idempotent, like RemoveImage).

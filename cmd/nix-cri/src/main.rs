@@ -11,8 +11,12 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use nix_cri::cache::BinaryCacheClient;
 use nix_cri::config::Config;
+use nix_cri::cri::admin::{self, AdminClient};
+use nix_cri::cri::upstream::UnixConnector;
+use nix_cri::cri::{Proxy, Upstream};
 use nix_cri::image::NixReference;
 use nix_cri::nix::StorePath;
+use nix_cri::registry::{NixImages, Registry};
 use nix_cri::store::{Realised, RootKind, RootName, Store, Substituter, Wanted};
 
 /// EX_USAGE from sysexits.h: the command line or configuration is wrong.
@@ -45,6 +49,12 @@ enum LogFormat {
 enum Command {
     /// Substitute a store path's closure into the store and hold it with a GC root.
     Pull(PullArgs),
+    /// Serve the CRI: proxy kubelet's calls to the runtime, running nix: images.
+    Serve(ServeArgs),
+    /// List the nix images a running nix-cri holds.
+    Images(SocketArgs),
+    /// Show a running nix-cri's store and runtime status.
+    Status(SocketArgs),
     /// Delete every store path no GC root reaches.
     Gc(GcArgs),
     /// Show what the store records about a valid path.
@@ -59,10 +69,9 @@ struct StoreArgs {
     root: Option<PathBuf>,
 }
 
+/// Where and how to substitute from.
 #[derive(Args)]
-struct PullArgs {
-    #[command(flatten)]
-    store: StoreArgs,
+struct SubstituterArgs {
     /// Binary cache URL (repeatable): https://…, http://…, file:///…, with ?priority=N.
     #[arg(long = "substituter", value_name = "URL")]
     substituters: Vec<String>,
@@ -84,14 +93,75 @@ struct PullArgs {
     /// Retries of a failed request.
     #[arg(long)]
     retries: Option<u32>,
+}
+
+impl SubstituterArgs {
+    fn into_config(self, root: Option<PathBuf>) -> Config {
+        Config {
+            root,
+            substituters: self.substituters,
+            trusted_public_keys: self.trusted_public_keys,
+            no_require_sigs: self.no_require_sigs.then_some(true),
+            jobs: self.jobs,
+            connect_timeout_secs: self.connect_timeout_secs,
+            stall_timeout_secs: self.stall_timeout_secs,
+            retries: self.retries,
+            ..Config::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct PullArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    substituters: SubstituterArgs,
     /// /nix/store/<hash>-<name>, <hash>-<name>, or a nix:0/… image reference.
     path: String,
 }
 
 #[derive(Args)]
-struct GcArgs {
+struct ServeArgs {
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    substituters: SubstituterArgs,
+    /// The CRI socket to serve. Default /run/nix-cri/nix-cri.sock.
+    #[arg(long, value_name = "PATH")]
+    listen: Option<PathBuf>,
+    /// The runtime's CRI socket. Default /run/containerd/containerd.sock.
+    #[arg(long, value_name = "PATH")]
+    upstream: Option<PathBuf>,
+    /// Loopback address of the embedded registry. Default 127.0.0.1:7480.
+    #[arg(long, value_name = "ADDR")]
+    registry_addr: Option<std::net::SocketAddr>,
+    /// RuntimeClass handler that opts pods in. Default nix.
+    #[arg(long, value_name = "NAME")]
+    runtime_handler: Option<String>,
+    /// The runtime's handler for opted-in pods. Default: the runtime's default.
+    #[arg(long, value_name = "NAME")]
+    upstream_runtime_handler: Option<String>,
+    /// Allow nix images in every pod, not only those with the nix RuntimeClass.
+    #[arg(long)]
+    allow_all_sandboxes: bool,
+}
+
+/// How the CLI reaches a running nix-cri.
+#[derive(Args)]
+struct SocketArgs {
+    /// nix-cri's socket. Default /run/nix-cri/nix-cri.sock.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GcArgs {
+    /// Collect in this store directly. Without it, ask the running nix-cri.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    #[command(flatten)]
+    socket: SocketArgs,
     /// List what would be deleted, delete nothing.
     #[arg(long)]
     dry_run: bool,
@@ -134,6 +204,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Pull(args) => pull(file_config, args).await,
+            Command::Serve(args) => serve(file_config, args).await,
+            Command::Images(args) => images(file_config, args).await,
+            Command::Status(args) => status(file_config, args).await,
             Command::Gc(args) => gc(file_config, args).await,
             Command::PathInfo(args) => path_info(file_config, args).await,
         }
@@ -185,6 +258,163 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     .map(Arc::new)
 }
 
+async fn make_substituter(config: &Config) -> anyhow::Result<Arc<Substituter>> {
+    if config.substituters.is_empty() {
+        bail!("no substituters: give --substituter URL or set substituters in the config file");
+    }
+    let substituter_config = config.substituter_config()?;
+    if !substituter_config.require_sigs {
+        eprintln!("nix-cri: warning: signatures are not checked (--no-require-sigs)");
+    }
+    let cache = BinaryCacheClient::new(config.substituter_urls()?, config.fetch_config()?)?;
+    let store = open_store(config).await?;
+    Ok(Substituter::new(store, Arc::new(cache), substituter_config))
+}
+
+async fn serve(file_config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    let config = file_config.overridden_by(Config {
+        listen: args.listen,
+        upstream: args.upstream,
+        registry_addr: args.registry_addr,
+        runtime_handler: args.runtime_handler,
+        upstream_runtime_handler: args.upstream_runtime_handler,
+        allow_all_sandboxes: args.allow_all_sandboxes.then_some(true),
+        ..args.substituters.into_config(args.store.root)
+    });
+    let mut proxy_config = config.proxy_config()?;
+    let substituter = make_substituter(&config).await?;
+    let images = Arc::new(NixImages::new(substituter.store().clone()));
+    let registry = Registry::start(proxy_config.registry_addr, images.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot start the registry on {}",
+                proxy_config.registry_addr
+            )
+        })?;
+    proxy_config.registry_addr = registry.local_addr();
+    let upstream = Upstream::new(&config.upstream());
+    let listen = config.listen();
+    let listener = nix_cri::cri::bind(&listen)?;
+    let proxy = Proxy::new(upstream, substituter, images, proxy_config);
+    tokio::spawn(reconcile_until_done(proxy.clone()));
+    tracing::info!(
+        listen = %listen.display(),
+        upstream = %config.upstream().display(),
+        registry = %registry.local_addr(),
+        root = %config.root().display(),
+        "serving"
+    );
+    eprintln!(
+        "nix-cri: serving {} (registry {})",
+        listen.display(),
+        registry.local_addr()
+    );
+    proxy.serve(listener, shutdown_signal()).await;
+    let _ = std::fs::remove_file(&listen);
+    Ok(())
+}
+
+/// Container roots are reconciled with the runtime once it answers; until then the proxy
+/// serves already (kubelet needs the socket to start at all).
+async fn reconcile_until_done(proxy: Arc<Proxy>) {
+    loop {
+        match proxy.reconcile().await {
+            Ok((dropped, added)) => {
+                tracing::info!(
+                    dropped,
+                    added,
+                    "container roots reconciled with the runtime"
+                );
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(err = %err.message(), "cannot reconcile container roots yet");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn admin_client(
+    config: &Config,
+    args: &SocketArgs,
+) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    let socket = args.socket.clone().unwrap_or_else(|| config.listen());
+    let channel = tonic::transport::Endpoint::from_static("http://nix-cri")
+        .connect_with_connector(UnixConnector::new(&socket))
+        .await
+        .with_context(|| format!("cannot reach nix-cri at {}", socket.display()))?;
+    Ok(AdminClient::new(channel))
+}
+
+async fn images(config: Config, args: SocketArgs) -> anyhow::Result<()> {
+    let mut client = admin_client(&config, &args).await?;
+    let images = client
+        .list_images(admin::proto::ListImagesRequest {})
+        .await?
+        .into_inner()
+        .images;
+    println!(
+        "{:<73} {:>6} {:>10} {:>4}  REFERENCE",
+        "IMAGE ID", "PATHS", "SIZE", "CTRS"
+    );
+    for image in images {
+        println!(
+            "{:<73} {:>6} {:>10} {:>4}  {}",
+            image.id,
+            image.closure_paths,
+            human_bytes(image.closure_nar_size),
+            image.containers.len(),
+            image.reference
+        );
+    }
+    Ok(())
+}
+
+async fn status(config: Config, args: SocketArgs) -> anyhow::Result<()> {
+    let mut client = admin_client(&config, &args).await?;
+    let status = client
+        .status(admin::proto::StatusRequest {})
+        .await?
+        .into_inner();
+    println!("nix-cri {}", status.version);
+    println!(
+        "store:     {} ({} paths, {} NAR)",
+        status.store_root,
+        status.store_paths,
+        human_bytes(status.store_nar_bytes)
+    );
+    println!(
+        "upstream:  {} ({})",
+        status.upstream_socket,
+        if status.upstream_ready {
+            "ready".to_owned()
+        } else {
+            format!("not ready: {}", status.upstream_error)
+        }
+    );
+    println!("registry:  {}", status.registry);
+    println!("handler:   {}", status.runtime_handler);
+    Ok(())
+}
+
 /// A store path, its base name, or a `nix:0/…` reference.
 fn parse_wanted(text: &str) -> anyhow::Result<Wanted> {
     if nix_cri::image::is_nix_reference(text) {
@@ -199,27 +429,9 @@ fn parse_wanted(text: &str) -> anyhow::Result<Wanted> {
 }
 
 async fn pull(file_config: Config, args: PullArgs) -> anyhow::Result<()> {
-    let config = file_config.overridden_by(Config {
-        root: args.store.root,
-        substituters: args.substituters,
-        trusted_public_keys: args.trusted_public_keys,
-        no_require_sigs: args.no_require_sigs.then_some(true),
-        jobs: args.jobs,
-        connect_timeout_secs: args.connect_timeout_secs,
-        stall_timeout_secs: args.stall_timeout_secs,
-        retries: args.retries,
-    });
+    let config = file_config.overridden_by(args.substituters.into_config(args.store.root));
     let wanted = parse_wanted(&args.path)?;
-    if config.substituters.is_empty() {
-        bail!("no substituters: give --substituter URL or set substituters in the config file");
-    }
-    let substituter_config = config.substituter_config()?;
-    if !substituter_config.require_sigs {
-        eprintln!("nix-cri: warning: signatures are not checked (--no-require-sigs)");
-    }
-    let cache = BinaryCacheClient::new(config.substituter_urls()?, config.fetch_config()?)?;
-    let store = open_store(&config).await?;
-    let substituter = Substituter::new(store, Arc::new(cache), substituter_config);
+    let substituter = make_substituter(&config).await?;
 
     let holder = match &wanted {
         Wanted::Path(path) => path.base_name(),
@@ -299,27 +511,42 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 async fn gc(file_config: Config, args: GcArgs) -> anyhow::Result<()> {
-    let config = file_config.overridden_by(Config {
-        root: args.store.root,
-        ..Config::default()
-    });
-    let store = open_store(&config).await?;
     let dry_run = args.dry_run;
-    let report = tokio::task::spawn_blocking(move || store.gc(dry_run)).await??;
-    for path in &report.dead {
+    let report = if args.root.is_some() {
+        let config = file_config.overridden_by(Config {
+            root: args.root,
+            ..Config::default()
+        });
+        let store = open_store(&config).await?;
+        let report = tokio::task::spawn_blocking(move || store.gc(dry_run)).await??;
+        (
+            report.dead.iter().map(|p| p.to_absolute_path()).collect(),
+            report.nar_bytes,
+            report.disk_bytes_freed,
+        )
+    } else {
+        let mut client = admin_client(&file_config, &args.socket).await?;
+        let report = client
+            .collect_garbage(admin::proto::CollectGarbageRequest { dry_run })
+            .await?
+            .into_inner();
+        (report.dead, report.nar_bytes, report.disk_bytes_freed)
+    };
+    let (dead, nar_bytes, disk_bytes_freed): (Vec<String>, u64, u64) = report;
+    for path in &dead {
         println!("{path}");
     }
     if dry_run {
         eprintln!(
             "{} paths would be deleted ({} NAR)",
-            report.dead.len(),
-            human_bytes(report.nar_bytes)
+            dead.len(),
+            human_bytes(nar_bytes)
         );
     } else {
         eprintln!(
             "deleted {} paths, {} freed",
-            report.dead.len(),
-            human_bytes(report.disk_bytes_freed)
+            dead.len(),
+            human_bytes(disk_bytes_freed)
         );
     }
     Ok(())

@@ -1,0 +1,569 @@
+//! Contract tests with a scripted fake upstream, for what cannot be seen on real containerd:
+//! the exact bytes the runtime receives, CRI-O's answers, and error statuses with details.
+//! The proxy under test is the real one, in process.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_cri::v1 as cri;
+use nix_cri::cache::{BinaryCacheClient, FetchConfig};
+use nix_cri::cri::upstream::UnixConnector;
+use nix_cri::cri::{Proxy, ProxyConfig, Upstream, wire};
+use nix_cri::nix::TrustedKeys;
+use nix_cri::registry::NixImages;
+use nix_cri::store::{Store, Substituter, SubstituterConfig};
+use prost::Message;
+use tokio::net::UnixListener;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// What the fake runtime received.
+#[derive(Clone, Debug)]
+struct Received {
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// A fake runtime on a unix socket: records every request and answers from a script.
+struct FakeUpstream {
+    socket: PathBuf,
+    received: Arc<Mutex<Vec<Received>>>,
+    _dir: tempfile::TempDir,
+}
+
+fn frames(items: Vec<Frame<Bytes>>) -> Body {
+    StreamBody::new(futures_util::stream::iter(
+        items.into_iter().map(Ok::<_, BoxError>),
+    ))
+    .boxed_unsync()
+}
+
+fn ok_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert("x-runtime-trailer", HeaderValue::from_static("kept"));
+    trailers
+}
+
+fn grpc_response(body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
+    response
+        .headers_mut()
+        .insert("x-runtime-header", HeaderValue::from_static("kept"));
+    response
+}
+
+async fn script(path: &str, body: &Bytes) -> Response<Body> {
+    match path {
+        "/runtime.v1.ImageService/ImageFsInfo" => {
+            // CRI-O answers with both file systems.
+            let usage = |mountpoint: &str, used: u64| cri::FilesystemUsage {
+                timestamp: 1,
+                fs_id: Some(cri::FilesystemIdentifier {
+                    mountpoint: mountpoint.into(),
+                }),
+                used_bytes: Some(cri::UInt64Value { value: used }),
+                inodes_used: Some(cri::UInt64Value { value: 10 }),
+            };
+            let answer = cri::ImageFsInfoResponse {
+                image_filesystems: vec![usage("/", 1000)],
+                container_filesystems: vec![usage("/var/lib/containers", 2000)],
+            };
+            grpc_response(frames(vec![
+                Frame::data(wire::frame(&answer.encode_to_vec())),
+                Frame::trailers(ok_trailers()),
+            ]))
+        }
+        "/runtime.v1.RuntimeService/GetContainerEvents" => {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+            tokio::spawn(async move {
+                for id in ["c1", "c2", "c3"] {
+                    let event = cri::ContainerEventResponse {
+                        container_id: id.into(),
+                        ..Default::default()
+                    };
+                    let _ = tx
+                        .send(Ok(Frame::data(wire::frame(&event.encode_to_vec()))))
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = tx.send(Ok(Frame::trailers(ok_trailers()))).await;
+            });
+            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            grpc_response(StreamBody::new(stream).boxed_unsync())
+        }
+        "/runtime.v1.RuntimeService/StopContainer" => {
+            // A trailers-only error with rich details, as grpc-go sends it.
+            let mut response = grpc_response(frames(vec![]));
+            let headers = response.headers_mut();
+            headers.insert("grpc-status", HeaderValue::from_static("9"));
+            headers.insert(
+                "grpc-message",
+                HeaderValue::from_static("container%20is%20busy"),
+            );
+            headers.insert(
+                "grpc-status-details-bin",
+                HeaderValue::from_static("CAkSBGJ1c3k"),
+            );
+            response
+        }
+        // Everything else: echo the request's message back.
+        _ => grpc_response(frames(vec![
+            Frame::data(body.clone()),
+            Frame::trailers(ok_trailers()),
+        ])),
+    }
+}
+
+impl FakeUpstream {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("runtime.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let log = received.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let (parts, body) = request.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            let path = parts.uri.path().to_owned();
+                            log.lock().unwrap().push(Received {
+                                path: path.clone(),
+                                headers: parts.headers,
+                                body: body.clone(),
+                            });
+                            Ok::<_, std::convert::Infallible>(script(&path, &body).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            socket,
+            received,
+            _dir: dir,
+        }
+    }
+
+    fn last(&self, path: &str) -> Received {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| r.path == path)
+            .cloned()
+            .unwrap_or_else(|| panic!("the runtime never got {path}"))
+    }
+}
+
+/// The real proxy in process, in front of `upstream`, with an empty store.
+struct ProxyUnderTest {
+    socket: PathBuf,
+    store_root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_proxy(upstream: &Path) -> ProxyUnderTest {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("root")).unwrap());
+    let cache = Arc::new(BinaryCacheClient::new(Vec::new(), FetchConfig::default()).unwrap());
+    let substituter = Substituter::new(
+        store.clone(),
+        cache,
+        SubstituterConfig::new(TrustedKeys::new(Vec::new())),
+    );
+    let images = Arc::new(NixImages::new(store));
+    let config = ProxyConfig {
+        runtime_handler: "nix".into(),
+        upstream_runtime_handler: "runc".into(),
+        allow_all_sandboxes: false,
+        registry_addr: "127.0.0.1:7480".parse().unwrap(),
+    };
+    let socket = dir.path().join("nix-cri.sock");
+    let listener = nix_cri::cri::bind(&socket).unwrap();
+    let proxy = Proxy::new(Upstream::new(upstream), substituter, images, config);
+    tokio::spawn(proxy.serve(listener, std::future::pending()));
+    ProxyUnderTest {
+        socket,
+        store_root: dir.path().join("root"),
+        _dir: dir,
+    }
+}
+
+/// Sends a raw unary gRPC call and returns the response's headers, body and trailers.
+async fn raw_call(
+    socket: &Path,
+    path: &str,
+    message: &[u8],
+    metadata: &[(&str, &str)],
+) -> (HeaderMap, Bytes, Option<HeaderMap>) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build::<_, http_body_util::Full<Bytes>>(UnixConnector::new(socket));
+    let mut request = Request::post(format!("http://nix-cri{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in metadata {
+        request = request.header(*name, *value);
+    }
+    let response = client
+        .request(
+            request
+                .body(http_body_util::Full::new(wire::frame(message)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (parts.headers, collected.to_bytes(), trailers)
+}
+
+/// A message with a field number no CRI version defines, as a newer kubelet might send.
+fn with_unknown_field(message: &[u8]) -> Vec<u8> {
+    let mut out = BytesMut::from(message);
+    wire::put_len_field(&mut out, 4242, b"field from the future");
+    wire::put_varint_field(&mut out, 4243, 7);
+    out.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_methods_and_fields_reach_the_runtime_byte_for_byte() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+
+    // A method no CRI version has: forwarded, answered by the runtime, relayed.
+    let payload = b"\x0a\x03abc\xa0\x1f\x01 opaque".to_vec();
+    let (headers, body, trailers) = raw_call(
+        &proxy.socket,
+        "/runtime.v1.RuntimeService/FutureMethod",
+        &payload,
+        &[("x-kubelet-metadata", "v1"), ("grpc-timeout", "120S")],
+    )
+    .await;
+    let got = upstream.last("/runtime.v1.RuntimeService/FutureMethod");
+    assert_eq!(got.body, wire::frame(&payload));
+    assert_eq!(got.headers.get("x-kubelet-metadata").unwrap(), "v1");
+    assert_eq!(got.headers.get("grpc-timeout").unwrap(), "120S");
+    assert_eq!(body, wire::frame(&payload));
+    assert_eq!(headers.get("x-runtime-header").unwrap(), "kept");
+    let trailers = trailers.unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    assert_eq!(trailers.get("x-runtime-trailer").unwrap(), "kept");
+
+    // An ordinary image's CreateContainer carrying an unknown field: nix-cri reads it (to
+    // see the image) but forwards the original bytes.
+    let request = cri::CreateContainerRequest {
+        pod_sandbox_id: "sandbox".into(),
+        config: Some(cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                    .into(),
+                user_specified_image: "docker.io/library/busybox:latest".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        sandbox_config: None,
+    };
+    let message = with_unknown_field(&request.encode_to_vec());
+    let (_, body, _) = raw_call(
+        &proxy.socket,
+        "/runtime.v1.RuntimeService/CreateContainer",
+        &message,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        upstream
+            .last("/runtime.v1.RuntimeService/CreateContainer")
+            .body,
+        wire::frame(&message)
+    );
+    assert_eq!(body, wire::frame(&message), "the echo came back untouched");
+
+    // A nix sandbox: the handler is replaced, the opt-in annotation added, and the unknown
+    // field kept.
+    let request = cri::RunPodSandboxRequest {
+        config: Some(cri::PodSandboxConfig {
+            hostname: "pod".into(),
+            ..Default::default()
+        }),
+        runtime_handler: "nix".into(),
+    };
+    let message = with_unknown_field(&request.encode_to_vec());
+    raw_call(
+        &proxy.socket,
+        "/runtime.v1.RuntimeService/RunPodSandbox",
+        &message,
+        &[],
+    )
+    .await;
+    let got = upstream.last("/runtime.v1.RuntimeService/RunPodSandbox");
+    let sent = wire::unframe(&got.body).unwrap();
+    let decoded = cri::RunPodSandboxRequest::decode(sent).unwrap();
+    assert_eq!(decoded.runtime_handler, "runc");
+    let config = decoded.config.unwrap();
+    assert_eq!(config.hostname, "pod");
+    assert_eq!(
+        config
+            .annotations
+            .get("nix-cri.io/runtime-handler")
+            .map(String::as_str),
+        Some("nix")
+    );
+    let unknown: Vec<u32> = wire::fields(sent)
+        .filter_map(|f| f.ok())
+        .map(|f| f.number)
+        .filter(|n| *n > 4000)
+        .collect();
+    assert_eq!(unknown, vec![4242, 4243]);
+
+    // A sandbox for another handler is not touched at all.
+    let request = cri::RunPodSandboxRequest {
+        config: None,
+        runtime_handler: "kata".into(),
+    };
+    let message = with_unknown_field(&request.encode_to_vec());
+    raw_call(
+        &proxy.socket,
+        "/runtime.v1.RuntimeService/RunPodSandbox",
+        &message,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        upstream
+            .last("/runtime.v1.RuntimeService/RunPodSandbox")
+            .body,
+        wire::frame(&message)
+    );
+    drop(proxy.store_root);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_streams_and_crio_answers_are_relayed() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+    let channel = tonic::transport::Endpoint::from_static("http://nix-cri")
+        .connect_with_connector(UnixConnector::new(&proxy.socket))
+        .await
+        .unwrap();
+
+    // The runtime's error, code, message and details, unchanged.
+    let (headers, body, _) = raw_call(
+        &proxy.socket,
+        "/runtime.v1.RuntimeService/StopContainer",
+        b"",
+        &[],
+    )
+    .await;
+    assert!(body.is_empty());
+    assert_eq!(headers.get("grpc-status").unwrap(), "9");
+    assert_eq!(
+        headers.get("grpc-message").unwrap(),
+        "container%20is%20busy"
+    );
+    assert_eq!(
+        headers.get("grpc-status-details-bin").unwrap(),
+        "CAkSBGJ1c3k"
+    );
+    let mut runtime = cri::runtime_service_client::RuntimeServiceClient::new(channel.clone());
+    let status = runtime
+        .stop_container(cri::StopContainerRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(status.message(), "container is busy");
+
+    // A server stream arrives message by message.
+    let mut events = runtime
+        .get_container_events(cri::GetEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(event) = events.message().await.unwrap() {
+        ids.push(event.container_id);
+    }
+    assert_eq!(ids, ["c1", "c2", "c3"]);
+
+    // CRI-O's ImageFsInfo keeps its container file systems; the image file system gains
+    // the store's usage when the store is on it (here it is: both are on /).
+    let mut images = cri::image_service_client::ImageServiceClient::new(channel);
+    let info = images
+        .image_fs_info(cri::ImageFsInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.container_filesystems.len(), 1);
+    assert_eq!(
+        info.container_filesystems[0].used_bytes.unwrap().value,
+        2000
+    );
+    assert_eq!(info.image_filesystems.len(), 1);
+    let image_fs = &info.image_filesystems[0];
+    assert_eq!(image_fs.fs_id.as_ref().unwrap().mountpoint, "/");
+    let same_device = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/").unwrap().dev() == std::fs::metadata(&proxy.store_root).unwrap().dev()
+    };
+    if same_device {
+        assert!(
+            image_fs.used_bytes.unwrap().value > 1000,
+            "store usage added"
+        );
+        assert!(
+            image_fs.inodes_used.unwrap().value > 10,
+            "store inodes added"
+        );
+    }
+    assert_eq!(image_fs.timestamp, 1, "the rest of the entry is kept");
+
+    // Status gains the nix handler.
+    let status = runtime
+        .status(cri::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let handlers: Vec<_> = status
+        .runtime_handlers
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(handlers, ["nix"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_nix_references_are_invalid_argument_and_never_forwarded() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+    let channel = tonic::transport::Endpoint::from_static("http://nix-cri")
+        .connect_with_connector(UnixConnector::new(&proxy.socket))
+        .await
+        .unwrap();
+    let mut images = cri::image_service_client::ImageServiceClient::new(channel);
+    for bad in ["nix:0/nix/store/short-x", "nix:1/abc", "nix:0/tmp/x:latest"] {
+        let status = images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: bad.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}");
+        assert!(status.message().contains(bad), "{}", status.message());
+    }
+    // An absent nix image is an empty status, not an error.
+    let status = images
+        .image_status(cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec {
+                image: "nix:0/00000000000000000000000000000000-absent:latest".into(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.image.is_none());
+    let seen: HashMap<String, usize> =
+        upstream
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .fold(HashMap::new(), |mut m, r| {
+                *m.entry(r.path.clone()).or_default() += 1;
+                m
+            });
+    assert!(
+        !seen.contains_key("/runtime.v1.ImageService/PullImage"),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.contains_key("/runtime.v1.ImageService/ImageStatus"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_runtime_is_unavailable_naming_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("containerd.sock");
+    let proxy = start_proxy(&missing).await;
+    let (headers, _, _) = raw_call(
+        &proxy.socket,
+        "/runtime.v1.RuntimeService/Version",
+        b"",
+        &[],
+    )
+    .await;
+    assert_eq!(headers.get("grpc-status").unwrap(), "14");
+    let message = headers
+        .get("grpc-message")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("containerd.sock"), "{message}");
+
+    // The runtime comes (back): the next call goes through without restarting the proxy.
+    let listener_dir = missing.clone();
+    let upstream = tokio::spawn(async move {
+        let listener = UnixListener::bind(&listener_dir).unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, std::convert::Infallible>(script("/echo", &body).await)
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, body, trailers) = raw_call(
+        &proxy.socket,
+        "/runtime.v1.RuntimeService/Version",
+        b"\x0a\x02v1",
+        &[],
+    )
+    .await;
+    assert_eq!(body, wire::frame(b"\x0a\x02v1"));
+    assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+    upstream.abort();
+}

@@ -1,0 +1,447 @@
+//! nix-cri in front of real containerd 1.6 + runc, driven through the CRI the way kubelet
+//! drives it, with the fixture cache on loopback and CNI bridge networking.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use nix_cri_e2e::containerd::{Containerd, image_client, runtime_client};
+use nix_cri_e2e::{CacheServer, NixCriServer, fixtures, nix_command, run};
+
+const POD_UID: &str = "0b6a1c8e-nix-cri-e2e";
+
+fn sandbox_config(name: &str, log_dir: &std::path::Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{POD_UID}-{name}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.display().to_string(),
+        labels: HashMap::from([("app".into(), name.into())]),
+        linux: Some(cri::LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    }
+}
+
+fn container_config(
+    name: &str,
+    image_id: &str,
+    user_specified: &str,
+    command: &[&str],
+) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image_id.into(),
+            user_specified_image: user_specified.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(cri::LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
+
+fn image_spec(image: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    })
+}
+
+/// Waits for a container to exit and returns its exit code.
+async fn wait_exit(
+    runtime: &mut cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    id: &str,
+) -> i32 {
+    for _ in 0..100 {
+        let status = runtime
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if status.state == cri::ContainerState::ContainerExited as i32 {
+            return status.exit_code;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("container {id} did not exit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
+    let fx = fixtures();
+    let containerd = Containerd::start().await.expect("start containerd");
+    let cache = CacheServer::start(fx.cache_dir("xz")).await.unwrap();
+    let nix_cri = NixCriServer::start(containerd.socket(), &cache.url(), &[])
+        .await
+        .unwrap();
+    let mut images = image_client(&nix_cri.socket).await.unwrap();
+    let mut runtime = runtime_client(&nix_cri.socket).await.unwrap();
+
+    let top = fx.closure("main");
+    let pod_image = format!("nix:0{top}:latest");
+
+    // kubelet: ImageStatus (absent) → PullImage → ImageStatus by id.
+    let status = images
+        .image_status(cri::ImageStatusRequest {
+            image: image_spec(&pod_image),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.image.is_none(), "nothing pulled yet");
+    let image_id = images
+        .pull_image(cri::PullImageRequest {
+            image: image_spec(&pod_image),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("pull: {e}\n{}", nix_cri.log_tail()))
+        .into_inner()
+        .image_ref;
+    assert!(image_id.starts_with("sha256:"), "{image_id}");
+    let by_id = images
+        .image_status(cri::ImageStatusRequest {
+            image: image_spec(&image_id),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let image = by_id.image.expect("the pulled image has a status");
+    assert_eq!(image.id, image_id);
+    assert!(image.size > 0);
+    assert!(by_id.info["info"].contains(top), "{:?}", by_id.info);
+    let by_reference = images
+        .image_status(cri::ImageStatusRequest {
+            image: image_spec(&pod_image),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_reference.image.unwrap().id, image_id);
+
+    // The id is the one containerd itself has for the root image.
+    let upstream_images = image_client(containerd.socket())
+        .await
+        .unwrap()
+        .list_images(cri::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert!(
+        upstream_images.iter().any(|i| i.id == image_id),
+        "{upstream_images:?}"
+    );
+    // Through nix-cri the image shows once, under its nix reference.
+    let listed = images
+        .list_images(cri::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    let ours: Vec<_> = listed.iter().filter(|i| i.id == image_id).collect();
+    assert_eq!(ours.len(), 1, "{listed:?}");
+    assert_eq!(ours[0].repo_tags, vec![format!("nix:0{top}")]);
+
+    // A pod that opted in through the RuntimeClass handler.
+    let logs = tempfile::tempdir().unwrap();
+    let sandbox = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config("nix-pod", logs.path())),
+            runtime_handler: "nix".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("sandbox: {e}\n{}", containerd.diagnostics()))
+        .into_inner()
+        .pod_sandbox_id;
+    let sandbox_status = runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: sandbox.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let ip = sandbox_status.network.map(|n| n.ip).unwrap_or_default();
+    assert!(!ip.is_empty(), "CNI gave the pod an address");
+
+    // The closure's program runs and prints.
+    let program = fx.str_at("/executable_bin");
+    let hello = runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.clone(),
+            config: Some(container_config("hello", &image_id, &pod_image, &[program])),
+            sandbox_config: Some(sandbox_config("nix-pod", logs.path())),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}\n{}", nix_cri.log_tail()))
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: hello.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}\n{}", containerd.diagnostics()));
+    assert_eq!(wait_exit(&mut runtime, &hello).await, 0);
+    let log = std::fs::read_to_string(logs.path().join("hello.log")).unwrap();
+    assert!(log.contains(fx.str_at("/expected_stdout").trim()), "{log}");
+
+    // A long-running container to look inside with ExecSync.
+    let busybox = fx.path("busybox");
+    let sh = format!("{busybox}/bin/sh");
+    let shell = runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.clone(),
+            config: Some(container_config(
+                "shell",
+                &image_id,
+                &pod_image,
+                &[&sh, "-c", "sleep 3600"],
+            )),
+            sandbox_config: Some(sandbox_config("nix-pod", logs.path())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: shell.clone(),
+        })
+        .await
+        .unwrap();
+    let exec_client = runtime.clone();
+    let exec = |cmd: String| {
+        let mut runtime = exec_client.clone();
+        let shell = shell.clone();
+        let sh = sh.clone();
+        async move {
+            runtime
+                .exec_sync(cri::ExecSyncRequest {
+                    container_id: shell,
+                    cmd: vec![sh, "-c".into(), cmd],
+                    timeout: 10,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let symlinks = fx.path("symlinks");
+    let bottom = fx.path("diamond_bottom");
+    let out = exec(format!("cat {symlinks}/relative && cat {symlinks}/absolute-store && test -x {program} && echo exec-ok")).await;
+    assert_eq!(out.exit_code, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("exec-ok"));
+    let out = exec(format!("echo x > {bottom}/new-file")).await;
+    assert_ne!(out.exit_code, 0, "the store must be read-only");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Only the closure is visible: a path outside it is not there.
+    let disjoint = fx.closure("disjoint");
+    let out = exec(format!("test -e {disjoint}")).await;
+    assert_ne!(out.exit_code, 0, "{disjoint} is not in the image's closure");
+
+    // An ordinary image's container in the same pod, through the same socket.
+    let busybox_image = containerd.busybox_image();
+    let ordinary_id = images
+        .pull_image(cri::PullImageRequest {
+            image: image_spec(&busybox_image),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    let ordinary = runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.clone(),
+            config: Some(container_config(
+                "ordinary",
+                &ordinary_id,
+                &busybox_image,
+                &["/bin/busybox", "echo", "ordinary-ok"],
+            )),
+            sandbox_config: Some(sandbox_config("nix-pod", logs.path())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: ordinary.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(wait_exit(&mut runtime, &ordinary).await, 0);
+    assert!(
+        std::fs::read_to_string(logs.path().join("ordinary.log"))
+            .unwrap()
+            .contains("ordinary-ok")
+    );
+
+    // The closure is held by the image and by each container.
+    let roots_dir = nix_cri.root.join("nix/var/nix/gcroots/nix-cri");
+    assert!(roots_dir.join("containers").join(&hello).exists());
+    assert!(roots_dir.join("images").join(&image_id).exists());
+
+    // RemoveImage while containers exist: their paths stay.
+    images
+        .remove_image(cri::RemoveImageRequest {
+            image: image_spec(&image_id),
+        })
+        .await
+        .unwrap();
+    assert!(
+        nix_cri.root.join(bottom.trim_start_matches('/')).exists(),
+        "a container still holds it"
+    );
+    let out = exec(format!("cat {symlinks}/relative")).await;
+    assert_eq!(out.exit_code, 0);
+
+    // Teardown as kubelet does it.
+    for id in [&hello, &shell, &ordinary] {
+        let _ = runtime
+            .stop_container(cri::StopContainerRequest {
+                container_id: id.to_string(),
+                timeout: 0,
+            })
+            .await;
+        runtime
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: id.to_string(),
+            })
+            .await
+            .unwrap();
+    }
+    runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sandbox.clone(),
+        })
+        .await
+        .unwrap();
+    runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox,
+        })
+        .await
+        .unwrap();
+    // Removing again is fine (idempotent). The last container's removal let the closure go.
+    images
+        .remove_image(cri::RemoveImageRequest {
+            image: image_spec(&pod_image),
+        })
+        .await
+        .unwrap();
+    let bottom_on_disk = nix_cri.root.join(bottom.trim_start_matches('/'));
+    for _ in 0..100 {
+        if !bottom_on_disk.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !bottom_on_disk.exists(),
+        "closure collected\n{}",
+        nix_cri.log_tail()
+    );
+    let left: Vec<_> = std::fs::read_dir(nix_cri.root.join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "store not empty: {left:?}");
+    run(nix_command("nix-store")
+        .arg("--store")
+        .arg(&nix_cri.root)
+        .args(["--verify", "--check-contents"]))
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nix_images_need_the_runtime_class() {
+    let fx = fixtures();
+    let containerd = Containerd::start().await.expect("start containerd");
+    let cache = CacheServer::start(fx.cache_dir("zstd")).await.unwrap();
+    let nix_cri = NixCriServer::start(containerd.socket(), &cache.url(), &[])
+        .await
+        .unwrap();
+    let mut images = image_client(&nix_cri.socket).await.unwrap();
+    let mut runtime = runtime_client(&nix_cri.socket).await.unwrap();
+    let pod_image = format!("nix:0{}", fx.closure("disjoint"));
+    let image_id = images
+        .pull_image(cri::PullImageRequest {
+            image: image_spec(&pod_image),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    let logs = tempfile::tempdir().unwrap();
+    let sandbox = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config("plain-pod", logs.path())),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let status = runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: sandbox.clone(),
+            config: Some(container_config("c", &image_id, &pod_image, &["/x"])),
+            sandbox_config: Some(sandbox_config("plain-pod", logs.path())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("runtimeClassName: nix"),
+        "{}",
+        status.message()
+    );
+
+    // The Status call reports the nix handler.
+    let status = runtime
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.runtime_handlers.iter().any(|h| h.name == "nix"));
+    runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sandbox.clone(),
+        })
+        .await
+        .unwrap();
+    runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox,
+        })
+        .await
+        .unwrap();
+}

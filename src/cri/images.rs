@@ -1,0 +1,370 @@
+//! ImageService calls for nix images.
+//!
+//! A nix image is a store path whose closure is valid in the store and rooted under
+//! `gcroots/nix-cri/images/<id>`, where `<id>` is the config digest of its root image: the
+//! id the runtime reports for the root image, and so for containers made from it. The roots
+//! are the whole state: nothing else needs to survive a restart.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use http::Response;
+use k8s_cri::v1 as cri;
+use prost::Message;
+
+use crate::image::{NixReference, is_nix_reference};
+use crate::nix::StorePath;
+use crate::store::{RootKind, RootName, Wanted};
+
+use super::grpc::{self, Body};
+use super::wire::{self, Edit};
+use super::{CriError, Proxy, Unary};
+
+/// A nix image as the proxy reports it.
+pub(super) struct NixImage {
+    pub id: String,
+    pub top: StorePath,
+}
+
+impl Proxy {
+    /// Every nix image, from the image roots.
+    pub(super) fn nix_images(&self) -> Result<Vec<NixImage>, CriError> {
+        Ok(self
+            .store
+            .roots()?
+            .into_iter()
+            .filter(|(name, _)| name.kind() == RootKind::Image)
+            .map(|(name, top)| NixImage {
+                id: name.holder().to_owned(),
+                top,
+            })
+            .collect())
+    }
+
+    /// The nix image `image` names: a `nix:` reference, or the id of a nix image. `Ok(None)`
+    /// when it is not (or no longer) present; `Err` for a malformed `nix:` reference.
+    pub(super) fn find_nix_image(&self, image: &str) -> Result<Option<NixImage>, CriError> {
+        if is_nix_reference(image) {
+            let reference = NixReference::parse(image)?;
+            let top = match reference.target() {
+                Wanted::Path(path) => self.store.is_valid(path)?.then(|| path.clone()),
+                Wanted::Hash(hash) => self.store.path_from_hash(hash)?,
+            };
+            let Some(top) = top else { return Ok(None) };
+            let id = self.images.image_for(&top)?.id().to_owned();
+            let rooted = self.store.roots()?.into_iter().any(|(name, path)| {
+                name.kind() == RootKind::Image && name.holder() == id && path == top
+            });
+            return Ok(rooted.then_some(NixImage { id, top }));
+        }
+        let id = normalise_id(image);
+        Ok(self.nix_images()?.into_iter().find(|i| i.id == id))
+    }
+
+    /// The CRI `Image` for a nix image.
+    pub(super) fn image_message(&self, image: &NixImage) -> Result<cri::Image, CriError> {
+        let root = self.images.image_for(&image.top)?;
+        let closure_size = self.store.closure_nar_size(&image.top)?;
+        let (uid, username) = crate::image::spec::load(&self.store, &image.top)?.user_ids();
+        let reference = format!("nix:0{}", image.top);
+        Ok(cri::Image {
+            id: image.id.clone(),
+            repo_tags: vec![reference.clone()],
+            repo_digests: Vec::new(),
+            // kubelet treats size 0 as an error: the closure plus the root image.
+            size: closure_size + root.size(),
+            uid: uid.map(|value| cri::Int64Value { value }),
+            username: username.unwrap_or_default(),
+            spec: Some(cri::ImageSpec {
+                image: reference,
+                ..cri::ImageSpec::default()
+            }),
+            pinned: false,
+        })
+    }
+
+    pub(super) async fn pull_image(
+        self: Arc<Self>,
+        unary: Unary,
+    ) -> Result<Response<Body>, CriError> {
+        let request: cri::PullImageRequest = unary.decode("PullImage")?;
+        let image = request.image.map(|i| i.image).unwrap_or_default();
+        if !is_nix_reference(&image) {
+            return Ok(self.forward_unchanged(unary).await);
+        }
+        let reference = NixReference::parse(&image)?;
+        let wanted = reference.target().clone();
+        // Held by an in-progress root until the image root exists, so a GC in between
+        // cannot take the closure.
+        let pending = RootName::new(RootKind::Pull, &wanted_holder(&wanted))?;
+        let realised = self.substituter.realise(&wanted, Some(&pending)).await?;
+        let root_image = self.images.image_for(&realised.top)?;
+        let id = root_image.id().to_owned();
+
+        // The runtime pulls the root image from our registry; its answer is the id the
+        // runtime will report for containers made from it.
+        let upstream_reference = self
+            .images
+            .reference(&self.config.registry_addr, &realised.top);
+        let pulled = self
+            .upstream
+            .images()
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: upstream_reference.clone(),
+                    ..cri::ImageSpec::default()
+                }),
+                auth: None,
+                sandbox_config: None,
+            })
+            .await
+            .map_err(CriError::upstream)?
+            .into_inner();
+        if pulled.image_ref != id {
+            tracing::warn!(
+                runtime = %pulled.image_ref, ours = %id,
+                "the runtime reports another id for the root image than its config digest"
+            );
+        }
+        let store = self.store.clone();
+        let top = realised.top.clone();
+        let image_root = RootName::new(RootKind::Image, &id)?;
+        tokio::task::spawn_blocking(move || {
+            store.add_root(&image_root, &top)?;
+            store.remove_root(&pending)
+        })
+        .await
+        .map_err(|e| CriError::Internal(e.to_string()))??;
+        tracing::info!(image = %reference, %id, paths = realised.closure.len(), fetched = realised.fetched.len(), "pulled nix image");
+        Ok(grpc::message_response(
+            &cri::PullImageResponse { image_ref: id }.encode_to_vec(),
+        ))
+    }
+
+    pub(super) async fn image_status(
+        self: Arc<Self>,
+        unary: Unary,
+    ) -> Result<Response<Body>, CriError> {
+        let request: cri::ImageStatusRequest = unary.decode("ImageStatus")?;
+        let image = request.image.map(|i| i.image).unwrap_or_default();
+        let found = self.find_nix_image(&image)?;
+        let Some(found) = found else {
+            if is_nix_reference(&image) {
+                // Absent is an empty answer, not an error.
+                return Ok(grpc::message_response(&[]));
+            }
+            return Ok(self.forward_unchanged(unary).await);
+        };
+        let mut info = std::collections::HashMap::new();
+        if request.verbose {
+            let closure = self.store.closure(std::slice::from_ref(&found.top))?;
+            let details = serde_json::json!({
+                "storePath": found.top.to_absolute_path(),
+                "closure": closure.iter().map(StorePath::to_absolute_path).collect::<Vec<_>>(),
+                "rootImage": self.images.reference(&self.config.registry_addr, &found.top),
+            });
+            info.insert("info".to_owned(), details.to_string());
+        }
+        let response = cri::ImageStatusResponse {
+            image: Some(self.image_message(&found)?),
+            info,
+        };
+        Ok(grpc::message_response(&response.encode_to_vec()))
+    }
+
+    /// The runtime's list, with each nix image once under its nix reference in place of the
+    /// root image the runtime knows.
+    pub(super) async fn list_images(
+        self: Arc<Self>,
+        unary: Unary,
+    ) -> Result<Response<Body>, CriError> {
+        let request: cri::ListImagesRequest = unary.decode("ListImages")?;
+        let filter = request
+            .filter
+            .and_then(|f| f.image)
+            .map(|i| i.image)
+            .unwrap_or_default();
+        if is_nix_reference(&filter) {
+            let images = match self.find_nix_image(&filter)? {
+                Some(image) => vec![self.image_message(&image)?],
+                None => Vec::new(),
+            };
+            return Ok(grpc::message_response(
+                &cri::ListImagesResponse { images }.encode_to_vec(),
+            ));
+        }
+        let message = unary.message()?.to_vec();
+        let response = match self.forward_and_read(&unary, &message).await {
+            Ok(response) => response,
+            Err(response) => return Ok(response),
+        };
+        let nix_images = self.nix_images()?;
+        let ids: HashSet<&str> = nix_images.iter().map(|i| i.id.as_str()).collect();
+        let mut append = bytes::BytesMut::new();
+        for image in &nix_images {
+            if filter.is_empty() || normalise_id(&filter) == image.id {
+                wire::put_len_field(&mut append, 1, &self.image_message(image)?.encode_to_vec());
+            }
+        }
+        let patched = wire::rewrite(
+            response.message()?,
+            |field| {
+                if field.number != 1 {
+                    return Ok(Edit::Keep);
+                }
+                let id = cri::Image::decode(field.value)
+                    .map(|i| i.id)
+                    .unwrap_or_default();
+                Ok(if ids.contains(id.as_str()) {
+                    Edit::Drop
+                } else {
+                    Edit::Keep
+                })
+            },
+            &append,
+        )?;
+        Ok(response.with_message(&patched))
+    }
+
+    /// Idempotent: drops the image root, removes the root image from the runtime, and
+    /// collects what only this image held. Containers still running keep their paths through
+    /// their own roots.
+    pub(super) async fn remove_image(
+        self: Arc<Self>,
+        unary: Unary,
+    ) -> Result<Response<Body>, CriError> {
+        let request: cri::RemoveImageRequest = unary.decode("RemoveImage")?;
+        let image = request.image.map(|i| i.image).unwrap_or_default();
+        let Some(found) = self.find_nix_image(&image)? else {
+            if is_nix_reference(&image) {
+                return Ok(grpc::message_response(&[]));
+            }
+            return Ok(self.forward_unchanged(unary).await);
+        };
+        let upstream_reference = self
+            .images
+            .reference(&self.config.registry_addr, &found.top);
+        match self
+            .upstream
+            .images()
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: upstream_reference,
+                    ..cri::ImageSpec::default()
+                }),
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(status) if status.code() == tonic::Code::NotFound => {}
+            Err(status) => return Err(CriError::upstream(status)),
+        }
+        let store = self.store.clone();
+        let root = RootName::new(RootKind::Image, &found.id)?;
+        tokio::task::spawn_blocking(move || {
+            store.remove_root(&root)?;
+            store.collect_closure_in_background(found.top);
+            Ok::<_, CriError>(())
+        })
+        .await
+        .map_err(|e| CriError::Internal(e.to_string()))??;
+        tracing::info!(%image, "removed nix image");
+        Ok(grpc::message_response(&[]))
+    }
+
+    /// The runtime's answer, with the store's bytes and inodes added to the image file
+    /// system it shares (kubelet's image GC watches that usage).
+    pub(super) async fn image_fs_info(
+        self: Arc<Self>,
+        unary: Unary,
+    ) -> Result<Response<Body>, CriError> {
+        let message = unary.message()?.to_vec();
+        let response = match self.forward_and_read(&unary, &message).await {
+            Ok(response) => response,
+            Err(response) => return Ok(response),
+        };
+        let usage = self.store_disk_usage().await;
+        let store_device = device_of(self.store.store_dir());
+        let mut patched_first = false;
+        let patched = wire::rewrite(
+            response.message()?,
+            |field| {
+                if field.number != 1 || patched_first {
+                    return Ok(Edit::Keep);
+                }
+                patched_first = true;
+                let Ok(fs) = cri::FilesystemUsage::decode(field.value) else {
+                    return Ok(Edit::Keep);
+                };
+                let mountpoint = fs
+                    .fs_id
+                    .as_ref()
+                    .map(|f| f.mountpoint.clone())
+                    .unwrap_or_default();
+                if store_device.is_none()
+                    || device_of(std::path::Path::new(&mountpoint)) != store_device
+                {
+                    return Ok(Edit::Keep);
+                }
+                let used = fs.used_bytes.map(|v| v.value).unwrap_or(0) + usage.0;
+                let inodes = fs.inodes_used.map(|v| v.value).unwrap_or(0) + usage.1;
+                // Replace only the two counters inside the entry; the rest stays as sent.
+                let mut append = bytes::BytesMut::new();
+                wire::put_len_field(
+                    &mut append,
+                    3,
+                    &cri::UInt64Value { value: used }.encode_to_vec(),
+                );
+                wire::put_len_field(
+                    &mut append,
+                    4,
+                    &cri::UInt64Value { value: inodes }.encode_to_vec(),
+                );
+                let entry = wire::rewrite(
+                    field.value,
+                    |inner| {
+                        Ok(if inner.number == 3 || inner.number == 4 {
+                            Edit::Drop
+                        } else {
+                            Edit::Keep
+                        })
+                    },
+                    &append,
+                )?;
+                Ok(Edit::Replace(wire::len_field(1, &entry)))
+            },
+            &[],
+        )?;
+        Ok(response.with_message(&patched))
+    }
+
+    /// Bytes and inodes under the store directory, cached briefly: kubelet asks often and a
+    /// walk of a large store is not free.
+    async fn store_disk_usage(&self) -> (u64, u64) {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.disk_usage_cached())
+            .await
+            .unwrap_or((0, 0))
+    }
+}
+
+/// Image ids come as `sha256:<hex>` or bare `<hex>`.
+fn normalise_id(image: &str) -> String {
+    if image.len() == 64 && image.bytes().all(|b| b.is_ascii_hexdigit()) {
+        format!("sha256:{image}")
+    } else {
+        image.to_owned()
+    }
+}
+
+fn wanted_holder(wanted: &Wanted) -> String {
+    match wanted {
+        Wanted::Path(path) => path.hash().to_string(),
+        Wanted::Hash(hash) => hash.to_string(),
+    }
+}
+
+fn device_of(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.dev())
+}

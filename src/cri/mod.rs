@@ -1,0 +1,401 @@
+//! The CRI proxy.
+//!
+//! One HTTP/2 server on a unix socket answers `runtime.v1.RuntimeService`,
+//! `runtime.v1.ImageService` and nix-cri's admin API. Every call is forwarded to the runtime
+//! byte for byte (headers, body frames, trailers; streaming calls and methods nix-cri has never
+//! heard of included) except the few nix-cri must see:
+//!
+//! | call | what nix-cri does |
+//! | --- | --- |
+//! | PullImage, ImageStatus, RemoveImage of a `nix:` image | answers itself (PullImage also pulls the root image upstream) |
+//! | ListImages, ImageFsInfo | forwards, then adds nix images / the store's usage to the answer |
+//! | RunPodSandbox with the nix handler | marks the sandbox, forwards it with the runtime's handler |
+//! | CreateContainer of a nix image | appends one read-only bind mount per closure path, roots the closure |
+//! | RemoveContainer | forwards, then drops the container's root |
+//! | Status | forwards, then adds the nix handler to `runtime_handlers` |
+//!
+//! Messages nix-cri changes are patched at the protobuf wire level (see [`wire`]), never
+//! decoded and re-encoded, so fields newer than nix-cri's bindings survive.
+
+pub mod admin;
+mod error;
+pub mod grpc;
+mod images;
+mod runtime;
+pub mod upstream;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::UnixListener;
+use tracing::Instrument;
+
+use crate::registry::NixImages;
+use crate::store::{Store, Substituter};
+
+pub use self::error::CriError;
+use self::grpc::Body;
+pub use self::upstream::Upstream;
+
+/// Annotation nix-cri adds to the sandboxes that opted in through the RuntimeClass, so that
+/// the decision survives nix-cri restarts: the runtime stores it with the sandbox.
+pub const SANDBOX_ANNOTATION: &str = "nix-cri.io/runtime-handler";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {}: {source}", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the proxy treats sandboxes and handlers.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// The RuntimeClass handler that opts a pod in (default `nix`).
+    pub runtime_handler: String,
+    /// The handler the runtime gets instead (empty: the runtime's default).
+    pub upstream_runtime_handler: String,
+    /// Allow nix images in every sandbox, not only those that opted in.
+    pub allow_all_sandboxes: bool,
+    /// Where the embedded registry serves root images.
+    pub registry_addr: SocketAddr,
+}
+
+pub struct Proxy {
+    upstream: Upstream,
+    substituter: Arc<Substituter>,
+    store: Arc<Store>,
+    images: Arc<NixImages>,
+    config: ProxyConfig,
+    /// Whether each sandbox seen opted in; filled at RunPodSandbox, else asked of the runtime.
+    sandboxes: Mutex<HashMap<String, bool>>,
+}
+
+impl Proxy {
+    pub fn new(
+        upstream: Upstream,
+        substituter: Arc<Substituter>,
+        images: Arc<NixImages>,
+        config: ProxyConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store: substituter.store().clone(),
+            upstream,
+            substituter,
+            images,
+            config,
+            sandboxes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Serves on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let admin = admin::server(self.clone());
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        tracing::warn!(%err, "accept failed");
+                        continue;
+                    }
+                },
+                () = &mut shutdown => return,
+            };
+            let proxy = self.clone();
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let proxy = proxy.clone();
+                    let admin = admin.clone();
+                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, admin).await) }
+                });
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder
+                    .max_frame_size(1 << 20)
+                    .initial_stream_window_size(4 << 20)
+                    .initial_connection_window_size(16 << 20);
+                if let Err(err) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(%err, "connection ended");
+                }
+            });
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        admin: admin::Server,
+    ) -> Response<Body> {
+        let path = request.uri().path().to_owned();
+        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+            return self.upstream.forward(request.map(grpc::boxed)).await;
+        };
+        let span = tracing::debug_span!("cri", method = %method);
+        let call = async move {
+            match (service, method) {
+                ("runtime.v1.ImageService", "PullImage") => {
+                    self.intercept(request, |p, u| p.pull_image(u).boxed())
+                        .await
+                }
+                ("runtime.v1.ImageService", "ImageStatus") => {
+                    self.intercept(request, |p, u| p.image_status(u).boxed())
+                        .await
+                }
+                ("runtime.v1.ImageService", "ListImages") => {
+                    self.intercept(request, |p, u| p.list_images(u).boxed())
+                        .await
+                }
+                ("runtime.v1.ImageService", "RemoveImage") => {
+                    self.intercept(request, |p, u| p.remove_image(u).boxed())
+                        .await
+                }
+                ("runtime.v1.ImageService", "ImageFsInfo") => {
+                    self.intercept(request, |p, u| p.image_fs_info(u).boxed())
+                        .await
+                }
+                ("runtime.v1.RuntimeService", "RunPodSandbox") => {
+                    self.intercept(request, |p, u| p.run_pod_sandbox(u).boxed())
+                        .await
+                }
+                ("runtime.v1.RuntimeService", "RemovePodSandbox") => {
+                    self.intercept(request, |p, u| p.remove_pod_sandbox(u).boxed())
+                        .await
+                }
+                ("runtime.v1.RuntimeService", "CreateContainer") => {
+                    self.intercept(request, |p, u| p.create_container(u).boxed())
+                        .await
+                }
+                ("runtime.v1.RuntimeService", "RemoveContainer") => {
+                    self.intercept(request, |p, u| p.remove_container(u).boxed())
+                        .await
+                }
+                ("runtime.v1.RuntimeService", "Status") => {
+                    self.intercept(request, |p, u| p.status(u).boxed()).await
+                }
+                (admin::SERVICE, _) => admin::call(admin, request).await,
+                _ => self.upstream.forward(request.map(grpc::boxed)).await,
+            }
+        };
+        call.instrument(span).await
+    }
+
+    /// Reads a unary call whole and hands it to `handler`, which answers it, forwards it, or
+    /// forwards a patched copy.
+    async fn intercept<F>(self: Arc<Self>, request: Request<Incoming>, handler: F) -> Response<Body>
+    where
+        F: FnOnce(Arc<Self>, Unary) -> BoxFuture<'static, Result<Response<Body>, CriError>>,
+    {
+        let (parts, body) = request.into_parts();
+        let body = match read_body(body).await {
+            Ok((body, _)) => body,
+            Err(err) => {
+                return grpc::status_response(
+                    tonic::Code::InvalidArgument,
+                    &format!("cannot read request: {err}"),
+                );
+            }
+        };
+        let unary = Unary { parts, body };
+        match handler(self, unary).await {
+            Ok(response) => response,
+            Err(err) => err.into_response(),
+        }
+    }
+
+    /// Forwards a call nix-cri read but does not change, with its original bytes.
+    async fn forward_unchanged(&self, unary: Unary) -> Response<Body> {
+        let body = grpc::boxed(Full::new(unary.body));
+        self.upstream
+            .forward(Request::from_parts(unary.parts, body))
+            .await
+    }
+
+    /// Forwards `message` in place of the call's own, keeping its headers.
+    async fn forward_message(&self, unary: &Unary, message: &[u8]) -> Response<Body> {
+        let mut parts = unary.parts.clone();
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        let body = grpc::boxed(Full::new(wire::frame(message)));
+        self.upstream
+            .forward(Request::from_parts(parts, body))
+            .await
+    }
+
+    /// Forwards `message` and reads the answer whole so it can be patched. A failed call's
+    /// response comes back as `Err`, to be returned as it is.
+    async fn forward_and_read(
+        &self,
+        unary: &Unary,
+        message: &[u8],
+    ) -> Result<UnaryResponse, Response<Body>> {
+        let response = self.forward_message(unary, message).await;
+        let (parts, body) = response.into_parts();
+        if grpc::status_of(&parts.headers, None).is_some_and(|code| code != tonic::Code::Ok) {
+            return Err(Response::from_parts(parts, grpc::empty_body()));
+        }
+        let (body, trailers) = match read_body(body).await {
+            Ok(read) => read,
+            Err(err) => {
+                return Err(grpc::status_response(
+                    tonic::Code::Unavailable,
+                    &self.upstream.unavailable_message(&*err),
+                ));
+            }
+        };
+        let ok = grpc::status_of(&parts.headers, trailers.as_ref()) == Some(tonic::Code::Ok);
+        if !ok || body.is_empty() {
+            return Err(rebuild(parts, body, trailers));
+        }
+        Ok(UnaryResponse {
+            parts,
+            body,
+            trailers,
+        })
+    }
+}
+
+/// A unary call read whole: its headers and its framed message.
+pub struct Unary {
+    parts: http::request::Parts,
+    body: Bytes,
+}
+
+impl Unary {
+    /// The call's message, decoded for reading only.
+    fn decode<M: prost::Message + Default>(&self, method: &'static str) -> Result<M, CriError> {
+        let message = self.message()?;
+        M::decode(message).map_err(|e| CriError::BadRequest {
+            method,
+            why: e.to_string(),
+        })
+    }
+
+    fn message(&self) -> Result<&[u8], CriError> {
+        Ok(wire::unframe(&self.body)?)
+    }
+}
+
+/// A successful unary answer read whole.
+struct UnaryResponse {
+    parts: http::response::Parts,
+    body: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl UnaryResponse {
+    fn message(&self) -> Result<&[u8], CriError> {
+        Ok(wire::unframe(&self.body)?)
+    }
+
+    /// The same response with `message` in place of the runtime's.
+    fn with_message(self, message: &[u8]) -> Response<Body> {
+        let mut parts = self.parts;
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        rebuild(parts, wire::frame(message), self.trailers)
+    }
+
+    fn unchanged(self) -> Response<Body> {
+        rebuild(self.parts, self.body, self.trailers)
+    }
+}
+
+/// Reads a unary body whole (at most the CRI's message size) with its trailers.
+async fn read_body<B>(mut body: B) -> Result<(Bytes, Option<http::HeaderMap>), grpc::BoxError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<grpc::BoxError>,
+{
+    let mut data = bytes::BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Into::into)?;
+        match frame.into_data() {
+            Ok(chunk) => {
+                if data.len() + chunk.len() > upstream::MAX_MESSAGE_SIZE + 5 {
+                    return Err(format!(
+                        "message larger than {} bytes",
+                        upstream::MAX_MESSAGE_SIZE
+                    )
+                    .into());
+                }
+                data.extend_from_slice(&chunk);
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+    }
+    Ok((data.freeze(), trailers))
+}
+
+fn rebuild(
+    parts: http::response::Parts,
+    body: Bytes,
+    trailers: Option<http::HeaderMap>,
+) -> Response<Body> {
+    let mut frames: Vec<Result<hyper::body::Frame<Bytes>, grpc::BoxError>> = Vec::new();
+    if !body.is_empty() {
+        frames.push(Ok(hyper::body::Frame::data(body)));
+    }
+    if let Some(trailers) = trailers {
+        frames.push(Ok(hyper::body::Frame::trailers(trailers)));
+    }
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+    Response::from_parts(parts, grpc::boxed(body))
+}
+
+/// Binds the proxy's socket: any stale socket file is replaced, and the socket gets mode
+/// 0660 so only root and the socket's group (kubelet runs as root) can talk to it.
+pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ServeError::Listen {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}

@@ -162,12 +162,18 @@ impl Proxy {
         .await
         .map_err(|e| CriError::Internal(e.to_string()))??;
 
-        // config (2) → mounts (7), appended to the config as sent.
+        // config (2) → mounts (7), appended to the config as sent. Paths that are symlinks
+        // are in the root image already: a runtime resolves a bind mount's host path, which
+        // would follow the link into the host's own /nix/store.
         let mut config_patch = BytesMut::new();
         for path in &closure {
+            let real = self.store.real_path(path);
+            if std::fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_symlink()) {
+                continue;
+            }
             let mount = cri::Mount {
                 container_path: format!("{STORE_DIR}/{}", path.base_name()),
-                host_path: self.store.real_path(path).display().to_string(),
+                host_path: real.display().to_string(),
                 readonly: true,
                 ..cri::Mount::default()
             };

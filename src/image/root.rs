@@ -6,7 +6,10 @@
 //!   link is that file or `/etc` itself,
 //! - `nix/store/`, 0755 and empty (the mount points go in it),
 //! - `root/`, 0700 (root's home), and `tmp/`, 1777 — each left out when a link replaces it,
-//! - the spec's links as symlinks, with any missing parent directory (0755).
+//! - the spec's links as symlinks, with any missing parent directory (0755),
+//! - `nix/store/<name>` as a symlink for each closure path that is itself a symlink: a bind
+//!   mount cannot carry a symlink (runtimes resolve the host path first, which would reach
+//!   into the host's own `/nix/store`), so those travel in the layer instead.
 //!
 //! Every entry is owned by 0:0 with mtime 1 and no owner names. The config carries the spec's
 //! config plus the label `io.nix-cri.store-path=<top>`, so two store paths never share an image.
@@ -34,15 +37,20 @@ enum Entry {
     Symlink(String),
 }
 
-/// Builds the root image of `top` as read by [`super::spec::load`]. `closure_nar_size` only
-/// feeds [`OciImage::size`]; the bytes depend on `spec` and `top` alone.
+/// Builds the root image of `top` as read by [`super::spec::load`]. `store_symlinks` maps the
+/// base names of closure paths that are symlinks to their targets. `closure_nar_size` only
+/// feeds [`OciImage::size`]; the bytes depend on `spec`, `top` and `store_symlinks` alone.
 pub fn build_root_image(
     spec: &NixImageSpec,
     top: &StorePath,
+    store_symlinks: &BTreeMap<String, String>,
     closure_nar_size: u64,
 ) -> Result<OciImage, ImageError> {
     // Keys are paths without the leading `/`; BTreeMap order puts parents first.
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    for (name, target) in store_symlinks {
+        entries.insert(format!("nix/store/{name}"), Entry::Symlink(target.clone()));
+    }
     for (path, target) in spec.links() {
         let relative = path.trim_start_matches('/');
         entries.insert(relative.to_owned(), Entry::Symlink(target.clone()));
@@ -179,7 +187,8 @@ mod tests {
 
     #[test]
     fn the_root_layer_of_a_plain_path() {
-        let image = build_root_image(&NixImageSpec::plain(&top()), &top(), 1000).unwrap();
+        let image =
+            build_root_image(&NixImageSpec::plain(&top()), &top(), &BTreeMap::new(), 1000).unwrap();
         let entries = entries(&image);
         let summary: Vec<(&str, u32, char)> = entries
             .iter()
@@ -218,7 +227,7 @@ mod tests {
                           "/etc/passwd":"{BUSYBOX}/passwd","/tmp":"{BUSYBOX}/tmp",
                           "/opt/long":"{LONG}/and/a/long/way/down/to/make/the/link/target/exceed/the/hundred/bytes/of/ustar"}}}}"#
         ));
-        let image = build_root_image(&spec, &top(), 0).unwrap();
+        let image = build_root_image(&spec, &top(), &BTreeMap::new(), 0).unwrap();
         let entries = entries(&image);
         let summary: Vec<(&str, u32, char)> = entries
             .iter()
@@ -260,7 +269,7 @@ mod tests {
         let spec = spec(&format!(
             r#"{{"nixCriImage":0,"links":{{"/etc":"{BUSYBOX}/etc"}}}}"#
         ));
-        let image = build_root_image(&spec, &top(), 0).unwrap();
+        let image = build_root_image(&spec, &top(), &BTreeMap::new(), 0).unwrap();
         let paths: Vec<String> = entries(&image).into_iter().map(|e| e.0).collect();
         assert_eq!(paths, ["etc", "nix/", "nix/store/", "root/", "tmp/"]);
     }
@@ -271,9 +280,12 @@ mod tests {
             r#"{{"nixCriImage":0,"config":{{"Cmd":["a"],"Labels":{{"a":"1","b":"2","c":"3","d":"4"}},
                 "ExposedPorts":{{"1/tcp":{{}},"2/tcp":{{}},"3/udp":{{}}}}}},"links":{{"/bin":"{BUSYBOX}/bin"}}}}"#
         );
-        let a = build_root_image(&spec(&json), &top(), 7).unwrap();
+        let a = build_root_image(&spec(&json), &top(), &BTreeMap::new(), 7).unwrap();
         for _ in 0..5 {
-            assert_eq!(a, build_root_image(&spec(&json), &top(), 7).unwrap());
+            assert_eq!(
+                a,
+                build_root_image(&spec(&json), &top(), &BTreeMap::new(), 7).unwrap()
+            );
         }
         assert_eq!(a.id(), sha256_digest(a.config()));
         assert_eq!(a.manifest_digest(), sha256_digest(a.manifest()));
@@ -282,20 +294,53 @@ mod tests {
         let other = StorePath::from_absolute_path(BUSYBOX).unwrap();
         assert_ne!(
             a.id(),
-            build_root_image(&spec(&json), &other, 7).unwrap().id()
+            build_root_image(&spec(&json), &other, &BTreeMap::new(), 7)
+                .unwrap()
+                .id()
         );
         assert_eq!(
             a.id(),
-            build_root_image(&spec(&json), &top(), 8).unwrap().id()
+            build_root_image(&spec(&json), &top(), &BTreeMap::new(), 8)
+                .unwrap()
+                .id()
         );
         // Pinned (the config names the architecture): a change in these bytes changes every
         // image id nix-cri ever reported, so running images no longer match pulled ones.
         if cfg!(target_arch = "x86_64") {
-            let plain = build_root_image(&NixImageSpec::plain(&top()), &top(), 0).unwrap();
+            let plain = build_root_image(&NixImageSpec::plain(&top()), &top(), &BTreeMap::new(), 0)
+                .unwrap();
             assert_eq!(plain.id(), PLAIN_AMD64_ID, "the root image format changed");
         }
     }
 
     const PLAIN_AMD64_ID: &str =
         "sha256:5f4b2de564623914064f679d13fb2df6f206ef67e3b58cbb1bdb02d02c2bdb6d";
+
+    #[test]
+    fn closure_paths_that_are_symlinks_travel_in_the_layer() {
+        let links = BTreeMap::from([(
+            "0a6n65b4mh76p9rdrsbgxxsvzgych0hv-fx-single-symlink".to_owned(),
+            "/nix/store/v7x65srm7799yv36xwkjv1p1i7r7qaz3-fx-bottom/share/bottom.txt".to_owned(),
+        )]);
+        let plain = NixImageSpec::plain(&top());
+        let with = build_root_image(&plain, &top(), &links, 0).unwrap();
+        let without = build_root_image(&plain, &top(), &BTreeMap::new(), 0).unwrap();
+        assert_ne!(with.id(), without.id());
+        let layer = &with.layers()[0].1;
+        let mut archive = tar::Archive::new(&layer[..]);
+        let entry = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| {
+                e.path().unwrap().to_str()
+                    == Some("nix/store/0a6n65b4mh76p9rdrsbgxxsvzgych0hv-fx-single-symlink")
+            })
+            .expect("the store symlink is in the layer");
+        assert_eq!(entry.header().entry_type(), tar::EntryType::Symlink);
+        assert_eq!(
+            entry.link_name().unwrap().unwrap().to_str(),
+            Some("/nix/store/v7x65srm7799yv36xwkjv1p1i7r7qaz3-fx-bottom/share/bottom.txt")
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! Where the registry's images come from.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -82,12 +82,32 @@ impl NixImages {
             return Ok(image.clone());
         }
         let spec = spec::load(&self.store, top)?;
-        let image = Arc::new(build_root_image(&spec, top, 0)?);
+        let image = Arc::new(build_root_image(&spec, top, &self.store_symlinks(top)?, 0)?);
         let mut built = self.lock();
         if built.len() >= MAX_CACHED {
             built.clear();
         }
         Ok(built.entry(top.clone()).or_insert(image).clone())
+    }
+
+    /// The closure paths of `top` that are symlinks, by base name, with their targets.
+    fn store_symlinks(&self, top: &StorePath) -> Result<BTreeMap<String, String>, ImageError> {
+        let mut links = BTreeMap::new();
+        for path in self.store.closure(std::slice::from_ref(top))? {
+            let real = self.store.real_path(&path);
+            let meta = std::fs::symlink_metadata(&real).map_err(|source| ImageError::Io {
+                path: real.clone(),
+                source,
+            })?;
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&real).map_err(|source| ImageError::Io {
+                    path: real.clone(),
+                    source,
+                })?;
+                links.insert(path.base_name(), target.to_string_lossy().into_owned());
+            }
+        }
+        Ok(links)
     }
 
     /// What the runtime pulls for `top`: `<addr>/nix-cri/<hash>:root`.

@@ -16,6 +16,7 @@ pub const DEFAULT_LISTEN: &str = "/run/nix-cri/nix-cri.sock";
 pub const DEFAULT_UPSTREAM: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_REGISTRY_ADDR: &str = "127.0.0.1:7480";
 pub const DEFAULT_RUNTIME_HANDLER: &str = "nix";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -76,6 +77,15 @@ pub struct Config {
     pub upstream_runtime_handler: Option<String>,
     /// Allow nix images in every pod, not only those with the nix RuntimeClass. Default false.
     pub allow_all_sandboxes: Option<bool>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served. Default `127.0.0.1:9477`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Usage (percent) of the store's file system at which unused nix images are removed,
+    /// least recently used first. Default 85.
+    pub gc_high_watermark_percent: Option<u8>,
+    /// Usage (percent) that collection brings the file system down to. Default 80.
+    pub gc_low_watermark_percent: Option<u8>,
+    /// Store size (NAR bytes) at which unused nix images are removed too. Default: no limit.
+    pub gc_max_store_bytes: Option<u64>,
 }
 
 impl Config {
@@ -108,6 +118,10 @@ impl Config {
             runtime_handler,
             upstream_runtime_handler,
             allow_all_sandboxes,
+            metrics_addr,
+            gc_high_watermark_percent,
+            gc_low_watermark_percent,
+            gc_max_store_bytes,
         } = overrides;
         let list =
             |ours: Vec<String>, theirs: Vec<String>| if theirs.is_empty() { ours } else { theirs };
@@ -126,7 +140,38 @@ impl Config {
             runtime_handler: runtime_handler.or(self.runtime_handler),
             upstream_runtime_handler: upstream_runtime_handler.or(self.upstream_runtime_handler),
             allow_all_sandboxes: allow_all_sandboxes.or(self.allow_all_sandboxes),
+            metrics_addr: metrics_addr.or(self.metrics_addr),
+            gc_high_watermark_percent: gc_high_watermark_percent.or(self.gc_high_watermark_percent),
+            gc_low_watermark_percent: gc_low_watermark_percent.or(self.gc_low_watermark_percent),
+            gc_max_store_bytes: gc_max_store_bytes.or(self.gc_max_store_bytes),
         }
+    }
+
+    pub fn metrics_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        match self.metrics_addr {
+            Some(addr) => Ok(addr),
+            None => DEFAULT_METRICS_ADDR
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("metrics_addr: {e}"))),
+        }
+    }
+
+    pub fn gc_policy(&self) -> Result<crate::cri::GcPolicy, ConfigError> {
+        let mut policy = crate::cri::GcPolicy::default();
+        if let Some(high) = self.gc_high_watermark_percent {
+            policy.high_percent = high;
+        }
+        if let Some(low) = self.gc_low_watermark_percent {
+            policy.low_percent = low;
+        }
+        policy.max_store_bytes = self.gc_max_store_bytes;
+        if policy.high_percent > 100 || policy.low_percent >= policy.high_percent {
+            return Err(ConfigError::Invalid(format!(
+                "gc watermarks must satisfy low < high <= 100 (low {}, high {})",
+                policy.low_percent, policy.high_percent
+            )));
+        }
+        Ok(policy)
     }
 
     pub fn root(&self) -> PathBuf {
@@ -298,6 +343,24 @@ mod tests {
                 .to_string()
                 .contains("loopback")
         );
+    }
+
+    #[test]
+    fn gc_watermarks_are_checked() {
+        let config = Config {
+            gc_high_watermark_percent: Some(70),
+            gc_low_watermark_percent: Some(75),
+            ..Config::default()
+        };
+        assert!(
+            config
+                .gc_policy()
+                .unwrap_err()
+                .to_string()
+                .contains("low < high")
+        );
+        let policy = Config::default().gc_policy().unwrap();
+        assert_eq!((policy.high_percent, policy.low_percent), (85, 80));
     }
 
     #[test]

@@ -340,11 +340,41 @@ fn tokio_stream_from<T>(
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// A plain HTTP/1.0 GET on loopback: the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// `nix-cri serve` as a child process, as the node runs it.
 pub struct NixCriServer {
     pub socket: PathBuf,
     pub root: PathBuf,
     pub log: PathBuf,
+    /// Where its `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics: SocketAddr,
     child: std::process::Child,
     _dir: tempfile::TempDir,
 }
@@ -361,6 +391,7 @@ impl NixCriServer {
         let socket = dir.path().join("nix-cri.sock");
         let root = dir.path().join("root");
         let log = dir.path().join("nix-cri.log");
+        let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(nix_cri_bin())
             .arg("serve")
             .arg("--listen")
@@ -370,6 +401,8 @@ impl NixCriServer {
             .arg("--root")
             .arg(&root)
             .args(["--registry-addr", "127.0.0.1:0"])
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
             .args(["--substituter", cache_url])
             .args(["--trusted-public-key", fixtures().public_key()])
             .args(extra_args)
@@ -381,6 +414,7 @@ impl NixCriServer {
             socket,
             root,
             log,
+            metrics,
             child,
             _dir: dir,
         };

@@ -185,19 +185,35 @@ impl FakeUpstream {
 struct ProxyUnderTest {
     socket: PathBuf,
     store_root: PathBuf,
+    proxy: Arc<Proxy>,
+    store: Arc<Store>,
     _dir: tempfile::TempDir,
 }
 
 async fn start_proxy(upstream: &Path) -> ProxyUnderTest {
+    start_proxy_with(upstream, &[]).await
+}
+
+/// The proxy with the fixture key trusted and `caches` as substituters.
+async fn start_proxy_with(upstream: &Path, caches: &[String]) -> ProxyUnderTest {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("root")).unwrap());
-    let cache = Arc::new(BinaryCacheClient::new(Vec::new(), FetchConfig::default()).unwrap());
+    let urls = caches
+        .iter()
+        .map(|u| nix_cri::cache::SubstituterUrl::parse(u).unwrap())
+        .collect();
+    let cache = Arc::new(BinaryCacheClient::new(urls, FetchConfig::default()).unwrap());
+    let keys = if caches.is_empty() {
+        Vec::new()
+    } else {
+        vec![nix_cri::nix::VerifyingKey::parse(nix_cri_e2e::fixtures().public_key()).unwrap()]
+    };
     let substituter = Substituter::new(
         store.clone(),
         cache,
-        SubstituterConfig::new(TrustedKeys::new(Vec::new())),
+        SubstituterConfig::new(TrustedKeys::new(keys)),
     );
-    let images = Arc::new(NixImages::new(store));
+    let images = Arc::new(NixImages::new(store.clone()));
     let config = ProxyConfig {
         runtime_handler: "nix".into(),
         upstream_runtime_handler: "runc".into(),
@@ -207,10 +223,12 @@ async fn start_proxy(upstream: &Path) -> ProxyUnderTest {
     let socket = dir.path().join("nix-cri.sock");
     let listener = nix_cri::cri::bind(&socket).unwrap();
     let proxy = Proxy::new(Upstream::new(upstream), substituter, images, config);
-    tokio::spawn(proxy.serve(listener, std::future::pending()));
+    tokio::spawn(proxy.clone().serve(listener, std::future::pending()));
     ProxyUnderTest {
         socket,
         store_root: dir.path().join("root"),
+        proxy,
+        store,
         _dir: dir,
     }
 }
@@ -521,6 +539,14 @@ async fn a_dead_runtime_is_unavailable_naming_its_socket() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("containerd.sock");
     let proxy = start_proxy(&missing).await;
+    // Not ready while the runtime is down, and /readyz says why; alive all the same.
+    let metrics = nix_cri::metrics::serve("127.0.0.1:0".parse().unwrap(), proxy.proxy.clone())
+        .await
+        .unwrap();
+    let (status, body) = nix_cri_e2e::http_get(metrics, "/readyz").unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("containerd.sock"), "{body}");
+    assert_eq!(nix_cri_e2e::http_get(metrics, "/healthz").unwrap().0, 200);
     let (headers, _, _) = raw_call(
         &proxy.socket,
         "/runtime.v1.RuntimeService/Version",
@@ -566,4 +592,107 @@ async fn a_dead_runtime_is_unavailable_naming_its_socket() {
     assert_eq!(body, wire::frame(b"\x0a\x02v1"));
     assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
     upstream.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_policy_removes_unused_images_least_recently_used_first() {
+    use nix_cri::cri::GcPolicy;
+    use nix_cri::nix::StorePath;
+    use nix_cri::store::{RootKind, RootName};
+
+    let fx = nix_cri_e2e::fixtures();
+    let upstream = FakeUpstream::start().await;
+    let cache = format!("file://{}", fx.cache_dir("none").display());
+    let proxy = start_proxy_with(&upstream.socket, &[cache]).await;
+    let channel = tonic::transport::Endpoint::from_static("http://nix-cri")
+        .connect_with_connector(UnixConnector::new(&proxy.socket))
+        .await
+        .unwrap();
+    let mut images = cri::image_service_client::ImageServiceClient::new(channel);
+    let mut ids = HashMap::new();
+    for name in ["disjoint", "overlap", "image"] {
+        let id = images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: format!("nix:0{}", fx.closure(name)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image_ref;
+        ids.insert(name, id);
+    }
+    // "overlap" is in use by a container; "image" was used more recently than "disjoint".
+    let overlap_top = StorePath::from_absolute_path(fx.closure("overlap")).unwrap();
+    proxy
+        .store
+        .add_root(
+            &RootName::new(RootKind::Container, "c1").unwrap(),
+            &overlap_top,
+        )
+        .unwrap();
+    let root_of = |name: &str| RootName::new(RootKind::Image, &ids[name]).unwrap();
+    let old = filetime::FileTime::from_unix_time(1_000_000, 0);
+    for name in ["disjoint", "overlap"] {
+        let link = proxy
+            .store_root
+            .join("nix/var/nix/gcroots/nix-cri/images")
+            .join(&ids[name]);
+        filetime::set_symlink_file_times(&link, old, old).unwrap();
+    }
+    proxy.store.touch_root(&root_of("image")).unwrap();
+
+    // Below the high mark: nothing happens.
+    let relaxed = GcPolicy {
+        high_percent: 100,
+        low_percent: 99,
+        max_store_bytes: None,
+        min_age: Duration::ZERO,
+        ..GcPolicy::default()
+    };
+    assert!(
+        proxy
+            .proxy
+            .enforce_gc_policy(&relaxed)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Over the limit, but only images older than an hour may go.
+    let young = GcPolicy {
+        max_store_bytes: Some(1),
+        min_age: Duration::from_secs(3600),
+        ..relaxed.clone()
+    };
+    let removed = proxy.proxy.enforce_gc_policy(&young).await.unwrap();
+    assert_eq!(removed, vec![ids["disjoint"].clone()]);
+    // With no minimum age the next least recently used unused image goes; the one a
+    // container uses stays.
+    let strict = GcPolicy {
+        min_age: Duration::ZERO,
+        ..young
+    };
+    let removed = proxy.proxy.enforce_gc_policy(&strict).await.unwrap();
+    assert_eq!(removed, vec![ids["image"].clone()]);
+    assert!(proxy.store.root_target(&root_of("overlap")).is_some());
+    let disjoint_top = StorePath::from_absolute_path(fx.closure("disjoint")).unwrap();
+    assert!(
+        !proxy.store.is_valid(&disjoint_top).unwrap(),
+        "its closure was collected"
+    );
+    assert!(proxy.store.is_valid(&overlap_top).unwrap());
+    let removals = upstream
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path == "/runtime.v1.ImageService/RemoveImage")
+        .count();
+    assert_eq!(
+        removals, 2,
+        "the root images were removed from the runtime too"
+    );
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use nix_cri_e2e::containerd::{Containerd, image_client, runtime_client};
-use nix_cri_e2e::{CacheServer, NixCriServer, fixtures, nix_command, run};
+use nix_cri_e2e::{CacheServer, NixCriServer, fixtures, http_get, nix_command, run};
 
 const POD_UID: &str = "0b6a1c8e-nix-cri-e2e";
 
@@ -135,6 +135,27 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
         .unwrap()
         .into_inner();
     assert_eq!(by_reference.image.unwrap().id, image_id);
+
+    // The pull shows in /metrics; nix-cri is healthy and ready (store open, runtime answering).
+    let (status, metrics) = http_get(nix_cri.metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "nix_cri_pulls_total{result=\"success\"} 1",
+        "nix_cri_paths_substituted_total 19",
+        "nix_cri_cri_requests_total{code=\"Ok\",method=\"PullImage\"} 1",
+        "nix_cri_store_paths 19",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("nix_cri_fetched_bytes_total{compression=\"xz\""),
+        "{metrics}"
+    );
+    assert_eq!(http_get(nix_cri.metrics, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(nix_cri.metrics, "/readyz").unwrap().0, 200);
 
     // The id is the one containerd itself has for the root image.
     let upstream_images = image_client(containerd.socket())

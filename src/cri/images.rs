@@ -92,7 +92,19 @@ impl Proxy {
         if !is_nix_reference(&image) {
             return Ok(self.forward_unchanged(unary).await);
         }
-        let reference = NixReference::parse(&image)?;
+        let metrics = crate::metrics::global();
+        let timer = metrics.pull_duration.start_timer();
+        let result = self.pull_nix_image(&image).await;
+        timer.observe_duration();
+        metrics
+            .pulls
+            .with_label_values(&[if result.is_ok() { "success" } else { "failure" }])
+            .inc();
+        result
+    }
+
+    async fn pull_nix_image(&self, image: &str) -> Result<Response<Body>, CriError> {
+        let reference = NixReference::parse(image)?;
         let wanted = reference.target().clone();
         // Held by an in-progress root until the image root exists, so a GC in between
         // cannot take the closure.

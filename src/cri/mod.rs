@@ -19,6 +19,7 @@
 
 pub mod admin;
 mod error;
+mod gc_policy;
 pub mod grpc;
 mod images;
 mod runtime;
@@ -44,6 +45,7 @@ use crate::registry::NixImages;
 use crate::store::{Store, Substituter};
 
 pub use self::error::CriError;
+pub use self::gc_policy::GcPolicy;
 use self::grpc::Body;
 pub use self::upstream::Upstream;
 
@@ -161,64 +163,37 @@ impl Proxy {
         admin: admin::Server,
     ) -> Response<Body> {
         let path = request.uri().path().to_owned();
-        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
-            return self.upstream.forward(request.map(grpc::boxed)).await;
-        };
+        let (service, method) = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .unwrap_or(("", ""));
+        // Label values come from the wire: only the CRI's and our own services get their
+        // method names, so a stray client cannot grow the label set without bound.
+        let known = service.starts_with("runtime.v1.") || service == admin::SERVICE;
+        let label = if known { method } else { "other" };
         let span = tracing::debug_span!("cri", method = %method);
-        let call = async move {
-            match (service, method) {
-                ("runtime.v1.ImageService", "PullImage") => {
-                    self.intercept(request, |p, u| p.pull_image(u).boxed())
-                        .await
-                }
-                ("runtime.v1.ImageService", "ImageStatus") => {
-                    self.intercept(request, |p, u| p.image_status(u).boxed())
-                        .await
-                }
-                ("runtime.v1.ImageService", "ListImages") => {
-                    self.intercept(request, |p, u| p.list_images(u).boxed())
-                        .await
-                }
-                ("runtime.v1.ImageService", "RemoveImage") => {
-                    self.intercept(request, |p, u| p.remove_image(u).boxed())
-                        .await
-                }
-                ("runtime.v1.ImageService", "ImageFsInfo") => {
-                    self.intercept(request, |p, u| p.image_fs_info(u).boxed())
-                        .await
-                }
-                ("runtime.v1.RuntimeService", "RunPodSandbox") => {
-                    self.intercept(request, |p, u| p.run_pod_sandbox(u).boxed())
-                        .await
-                }
-                ("runtime.v1.RuntimeService", "RemovePodSandbox") => {
-                    self.intercept(request, |p, u| p.remove_pod_sandbox(u).boxed())
-                        .await
-                }
-                ("runtime.v1.RuntimeService", "CreateContainer") => {
-                    self.intercept(request, |p, u| p.create_container(u).boxed())
-                        .await
-                }
-                ("runtime.v1.RuntimeService", "RemoveContainer") => {
-                    self.intercept(request, |p, u| p.remove_container(u).boxed())
-                        .await
-                }
-                ("runtime.v1.RuntimeService", "Status") => {
-                    self.intercept(request, |p, u| p.status(u).boxed()).await
-                }
-                (admin::SERVICE, _) => admin::call(admin, request).await,
-                _ => self.upstream.forward(request.map(grpc::boxed)).await,
+        let started = std::time::Instant::now();
+        let response = async {
+            if service == admin::SERVICE {
+                return admin::call(admin, request).await;
             }
-        };
-        call.instrument(span).await
+            match intercepted(service, method) {
+                Some(handler) => self.intercept(request, handler).await,
+                None => self.upstream.forward(request.map(grpc::boxed)).await,
+            }
+        }
+        .instrument(span)
+        .await;
+        observe(label, started, response)
     }
 
     /// Reads a unary call whole and hands it to `handler`, which answers it, forwards it, or
     /// forwards a patched copy.
-    async fn intercept<F>(self: Arc<Self>, request: Request<Incoming>, handler: F) -> Response<Body>
-    where
-        F: FnOnce(Arc<Self>, Unary) -> BoxFuture<'static, Result<Response<Body>, CriError>>,
-    {
+    async fn intercept(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        handler: Handler,
+    ) -> Response<Body> {
         let (parts, body) = request.into_parts();
         let body = match read_body(body).await {
             Ok((body, _)) => body,
@@ -287,6 +262,43 @@ impl Proxy {
     }
 }
 
+impl crate::metrics::Readiness for Proxy {
+    /// Ready when the store answers and the runtime answers `Version` within two seconds.
+    fn check(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.usage())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("store: {e}"))?;
+            let mut runtime = self.upstream.runtime();
+            let version = runtime.version(k8s_cri::v1::VersionRequest::default());
+            match tokio::time::timeout(std::time::Duration::from_secs(2), version).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(status)) => Err(format!(
+                    "runtime at {}: {}",
+                    self.upstream.socket().display(),
+                    status.message()
+                )),
+                Err(_) => Err(format!(
+                    "runtime at {} did not answer within 2s",
+                    self.upstream.socket().display()
+                )),
+            }
+        })
+    }
+
+    fn refresh(&self) {
+        if let Ok(usage) = self.store.usage() {
+            let metrics = crate::metrics::global();
+            metrics.store_bytes.set(usage.nar_bytes as i64);
+            metrics.store_paths.set(usage.paths as i64);
+        }
+    }
+}
+
 /// A unary call read whole: its headers and its framed message.
 pub struct Unary {
     parts: http::request::Parts,
@@ -330,6 +342,54 @@ impl UnaryResponse {
     fn unchanged(self) -> Response<Body> {
         rebuild(self.parts, self.body, self.trailers)
     }
+}
+
+type Handler = fn(Arc<Proxy>, Unary) -> BoxFuture<'static, Result<Response<Body>, CriError>>;
+
+/// The calls nix-cri reads; everything else is forwarded untouched.
+fn intercepted(service: &str, method: &str) -> Option<Handler> {
+    Some(match (service, method) {
+        ("runtime.v1.ImageService", "PullImage") => |p, u| p.pull_image(u).boxed(),
+        ("runtime.v1.ImageService", "ImageStatus") => |p, u| p.image_status(u).boxed(),
+        ("runtime.v1.ImageService", "ListImages") => |p, u| p.list_images(u).boxed(),
+        ("runtime.v1.ImageService", "RemoveImage") => |p, u| p.remove_image(u).boxed(),
+        ("runtime.v1.ImageService", "ImageFsInfo") => |p, u| p.image_fs_info(u).boxed(),
+        ("runtime.v1.RuntimeService", "RunPodSandbox") => |p, u| p.run_pod_sandbox(u).boxed(),
+        ("runtime.v1.RuntimeService", "RemovePodSandbox") => |p, u| p.remove_pod_sandbox(u).boxed(),
+        ("runtime.v1.RuntimeService", "CreateContainer") => |p, u| p.create_container(u).boxed(),
+        ("runtime.v1.RuntimeService", "RemoveContainer") => |p, u| p.remove_container(u).boxed(),
+        ("runtime.v1.RuntimeService", "Status") => |p, u| p.status(u).boxed(),
+        _ => return None,
+    })
+}
+
+/// Records the call's latency to response headers and, once known, its gRPC status code (in
+/// the headers of a trailers-only answer, else in the trailers at the end of the body).
+fn observe(method: &str, started: std::time::Instant, response: Response<Body>) -> Response<Body> {
+    let metrics = crate::metrics::global();
+    metrics
+        .forward_duration
+        .with_label_values(&[method])
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(code) = grpc::status_of(response.headers(), None) {
+        metrics
+            .cri_requests
+            .with_label_values(&[method, &format!("{code:?}")])
+            .inc();
+        return response;
+    }
+    let method = method.to_owned();
+    response.map(|body| {
+        grpc::boxed(body.map_frame(move |frame| {
+            if let Some(code) = frame.trailers_ref().and_then(|t| grpc::status_of(t, None)) {
+                crate::metrics::global()
+                    .cri_requests
+                    .with_label_values(&[&method, &format!("{code:?}")])
+                    .inc();
+            }
+            frame
+        }))
+    })
 }
 
 /// Reads a unary body whole (at most the CRI's message size) with its trailers.

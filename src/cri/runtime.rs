@@ -192,9 +192,12 @@ impl Proxy {
             .map_err(|e| CriError::Internal(format!("runtime's CreateContainer answer: {e}")))?;
         let store = self.store.clone();
         let top = found.top.clone();
+        let image_root = RootName::new(RootKind::Image, &found.id)?;
         tokio::task::spawn_blocking(move || {
             let root = RootName::new(RootKind::Container, &created.container_id)?;
             store.add_root(&root, &top)?;
+            // Recently used: the GC policy removes least recently used images first.
+            let _ = store.touch_root(&image_root);
             drop(gc_lock);
             Ok::<_, CriError>(())
         })

@@ -105,6 +105,9 @@ impl Store {
         if only.is_none() {
             report.leftovers_removed = self.remove_leftovers()?.len();
         }
+        let metrics = crate::metrics::global();
+        metrics.gc_runs.inc();
+        metrics.gc_freed_bytes.inc_by(report.disk_bytes_freed);
         Ok(report)
     }
 }

@@ -114,6 +114,20 @@ impl Store {
         std::fs::rename(&temp, &link).map_err(io_err(&link))
     }
 
+    /// When the holder of `name` was last used: the root's own mtime.
+    pub fn root_last_used(&self, name: &RootName) -> Option<std::time::SystemTime> {
+        std::fs::symlink_metadata(self.root_link(name))
+            .and_then(|m| m.modified())
+            .ok()
+    }
+
+    /// Marks the holder of `name` as used now (for least-recently-used collection).
+    pub fn touch_root(&self, name: &RootName) -> Result<(), StoreError> {
+        let link = self.root_link(name);
+        let now = filetime::FileTime::now();
+        filetime::set_symlink_file_times(&link, now, now).map_err(io_err(&link))
+    }
+
     /// What `name` holds, if it exists.
     pub fn root_target(&self, name: &RootName) -> Option<StorePath> {
         std::fs::read_link(self.root_link(name))

@@ -570,6 +570,15 @@ impl Substituter {
         })?;
         tracing::debug!(%path, nar_size = found.narinfo.nar_size(), "substituted");
         self.paths_done.fetch_add(1, Ordering::Relaxed);
+        let metrics = crate::metrics::global();
+        metrics.paths_substituted.inc();
+        metrics
+            .fetched_bytes
+            .with_label_values(&[
+                self.cache.substituter(found.cache).label(),
+                found.narinfo.compression().as_str(),
+            ])
+            .inc_by(download_size);
         self.bytes_received
             .fetch_add(download_size, Ordering::Relaxed);
         Ok(PulledPath {

@@ -145,6 +145,18 @@ struct ServeArgs {
     /// Allow nix images in every pod, not only those with the nix RuntimeClass.
     #[arg(long)]
     allow_all_sandboxes: bool,
+    /// Address for /metrics, /healthz and /readyz. Default 127.0.0.1:9477.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// File-system usage (percent) at which unused nix images are removed. Default 85.
+    #[arg(long, value_name = "PERCENT")]
+    gc_high_watermark_percent: Option<u8>,
+    /// File-system usage (percent) that image removal brings the store down to. Default 80.
+    #[arg(long, value_name = "PERCENT")]
+    gc_low_watermark_percent: Option<u8>,
+    /// Store size (NAR bytes) at which unused nix images are removed too.
+    #[arg(long, value_name = "BYTES")]
+    gc_max_store_bytes: Option<u64>,
 }
 
 /// How the CLI reaches a running nix-cri.
@@ -279,9 +291,15 @@ async fn serve(file_config: Config, args: ServeArgs) -> anyhow::Result<()> {
         runtime_handler: args.runtime_handler,
         upstream_runtime_handler: args.upstream_runtime_handler,
         allow_all_sandboxes: args.allow_all_sandboxes.then_some(true),
+        metrics_addr: args.metrics_addr,
+        gc_high_watermark_percent: args.gc_high_watermark_percent,
+        gc_low_watermark_percent: args.gc_low_watermark_percent,
+        gc_max_store_bytes: args.gc_max_store_bytes,
         ..args.substituters.into_config(args.store.root)
     });
     let mut proxy_config = config.proxy_config()?;
+    let gc_policy = config.gc_policy()?;
+    let metrics_addr = config.metrics_addr()?;
     let substituter = make_substituter(&config).await?;
     let images = Arc::new(NixImages::new(substituter.store().clone()));
     let registry = Registry::start(proxy_config.registry_addr, images.clone())
@@ -297,11 +315,16 @@ async fn serve(file_config: Config, args: ServeArgs) -> anyhow::Result<()> {
     let listen = config.listen();
     let listener = nix_cri::cri::bind(&listen)?;
     let proxy = Proxy::new(upstream, substituter, images, proxy_config);
+    let metrics_addr = nix_cri::metrics::serve(metrics_addr, proxy.clone())
+        .await
+        .with_context(|| format!("cannot serve metrics on {metrics_addr}"))?;
     tokio::spawn(reconcile_until_done(proxy.clone()));
+    tokio::spawn(proxy.clone().run_gc_policy(gc_policy));
     tracing::info!(
         listen = %listen.display(),
         upstream = %config.upstream().display(),
         registry = %registry.local_addr(),
+        metrics = %metrics_addr,
         root = %config.root().display(),
         "serving"
     );

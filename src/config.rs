@@ -274,6 +274,63 @@ fn seconds(key: &str, secs: f64) -> Result<Duration, ConfigError> {
         .ok_or_else(|| ConfigError::Invalid(format!("{key} must be a positive number of seconds")))
 }
 
+/// The command-line flag of a config key: the key with dashes, singular for the repeatable
+/// list flags.
+pub fn flag_for_key(key: &str) -> String {
+    match key {
+        "substituters" => "--substituter".to_owned(),
+        "trusted_public_keys" => "--trusted-public-key".to_owned(),
+        _ => format!("--{}", key.replace('_', "-")),
+    }
+}
+
+/// The reference table of every key, read from the doc comments of [`Config`] in this file,
+/// so docs/configuration.md is generated from the type and a test keeps them equal.
+pub fn reference_table() -> String {
+    let source = include_str!("config.rs");
+    let mut rows = vec![
+        "| key | flag | type | meaning |".to_owned(),
+        "| --- | --- | --- | --- |".to_owned(),
+    ];
+    let mut doc = Vec::new();
+    let mut inside = false;
+    for line in source.lines() {
+        let line = line.trim();
+        if line == "pub struct Config {" {
+            inside = true;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if line == "}" {
+            break;
+        }
+        if let Some(text) = line.strip_prefix("///") {
+            doc.push(text.trim().to_owned());
+        } else if let Some(field) = line.strip_prefix("pub ") {
+            let Some((name, ty)) = field.split_once(':') else {
+                continue;
+            };
+            let ty = ty.trim().trim_end_matches(',');
+            let ty = ty
+                .strip_prefix("Option<")
+                .and_then(|t| t.strip_suffix('>'))
+                .unwrap_or(ty)
+                .rsplit("::")
+                .next()
+                .unwrap_or(ty);
+            rows.push(format!(
+                "| `{name}` | `{}` | {ty} | {} |",
+                flag_for_key(name),
+                doc.join(" ")
+            ));
+            doc.clear();
+        }
+    }
+    rows.join("\n") + "\n"
+}
+
 fn toml_from_str(text: &str) -> Result<Config, String> {
     toml::from_str(text).map_err(|e| e.to_string())
 }
@@ -343,6 +400,29 @@ mod tests {
                 .to_string()
                 .contains("loopback")
         );
+    }
+
+    /// docs/configuration.md holds the generated table between two markers. Regenerate it
+    /// with `NIX_CRI_UPDATE_DOCS=1 cargo test -p nix-cri --lib config`.
+    #[test]
+    fn configuration_reference_matches_the_config_type() {
+        const BEGIN: &str = "<!-- BEGIN GENERATED from src/config.rs: do not edit -->\n";
+        const END: &str = "<!-- END GENERATED -->";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_default();
+        let table = reference_table();
+        let (before, rest) = doc.split_once(BEGIN).unwrap_or((&doc, ""));
+        let after = rest.split_once(END).map(|(_, a)| a).unwrap_or("");
+        let current = rest.split_once(END).map(|(t, _)| t).unwrap_or("");
+        if std::env::var_os("NIX_CRI_UPDATE_DOCS").is_some() {
+            std::fs::write(path, format!("{before}{BEGIN}{table}{END}{after}")).unwrap();
+            return;
+        }
+        assert_eq!(
+            current, table,
+            "docs/configuration.md is out of date: run NIX_CRI_UPDATE_DOCS=1 cargo test -p nix-cri --lib config"
+        );
+        assert!(table.contains("`gc_max_store_bytes`"), "{table}");
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl Proxy {
     ) -> Result<Response<Body>, CriError> {
         let request: cri::PullImageRequest = unary.decode("PullImage")?;
         let image = request.image.map(|i| i.image).unwrap_or_default();
+        tracing::Span::current().record("image", image.as_str());
         if !is_nix_reference(&image) {
             return Ok(self.forward_unchanged(unary).await);
         }
@@ -159,6 +160,7 @@ impl Proxy {
     ) -> Result<Response<Body>, CriError> {
         let request: cri::ImageStatusRequest = unary.decode("ImageStatus")?;
         let image = request.image.map(|i| i.image).unwrap_or_default();
+        tracing::Span::current().record("image", image.as_str());
         let found = self.find_nix_image(&image)?;
         let Some(found) = found else {
             if is_nix_reference(&image) {
@@ -247,6 +249,7 @@ impl Proxy {
     ) -> Result<Response<Body>, CriError> {
         let request: cri::RemoveImageRequest = unary.decode("RemoveImage")?;
         let image = request.image.map(|i| i.image).unwrap_or_default();
+        tracing::Span::current().record("image", image.as_str());
         let Some(found) = self.find_nix_image(&image)? else {
             if is_nix_reference(&image) {
                 return Ok(grpc::message_response(&[]));

@@ -171,7 +171,7 @@ impl Proxy {
         // method names, so a stray client cannot grow the label set without bound.
         let known = service.starts_with("runtime.v1.") || service == admin::SERVICE;
         let label = if known { method } else { "other" };
-        let span = tracing::debug_span!("cri", method = %method);
+        let span = tracing::info_span!("cri", method = %method, image = tracing::field::Empty);
         let started = std::time::Instant::now();
         let response = async {
             if service == admin::SERVICE {

@@ -126,6 +126,14 @@ impl Proxy {
             .and_then(|c| c.image.as_ref())
             .cloned()
             .unwrap_or_default();
+        tracing::Span::current().record(
+            "image",
+            if image.user_specified_image.is_empty() {
+                image.image.as_str()
+            } else {
+                image.user_specified_image.as_str()
+            },
+        );
         let mut found = self.find_nix_image(&image.image)?;
         if found.is_none() && crate::image::is_nix_reference(&image.user_specified_image) {
             found = self.find_nix_image(&image.user_specified_image)?;

@@ -645,3 +645,34 @@ async fn path_info(file_config: Config, args: PathInfoArgs) -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every config key (docs/configuration.md is generated from the same type) has a
+    /// `serve` flag of the documented name.
+    #[test]
+    fn every_config_key_is_a_serve_flag() {
+        let command = Cli::command();
+        let serve = command.find_subcommand("serve").expect("serve subcommand");
+        let flags: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+            .collect();
+        let table = nix_cri::config::reference_table();
+        let keys: Vec<&str> = table
+            .lines()
+            .skip(2)
+            .filter_map(|row| row.split('`').nth(3))
+            .collect();
+        assert!(keys.len() >= 18, "{table}");
+        for flag in keys {
+            assert!(
+                flags.iter().any(|f| f == flag),
+                "serve lacks {flag}: {flags:?}"
+            );
+        }
+    }
+}

@@ -109,6 +109,20 @@ fn check_tag(tag: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Entry point for the fuzzer: any string parses or is refused without panicking, and a parsed
+/// reference prints canonically to one that names the same target.
+pub fn fuzz_logic(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(reference) = NixReference::parse(text) {
+        let canonical = reference.to_string();
+        let again = NixReference::parse(&canonical)
+            .unwrap_or_else(|e| panic!("canonical form {canonical:?} does not parse: {e}"));
+        assert_eq!(again.target(), reference.target());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -451,6 +451,21 @@ fn sorted_unique<T: Ord>(items: Vec<T>) -> Vec<T> {
         .collect()
 }
 
+/// Entry point for the fuzzer: any text parses or is refused without panicking, and a parsed
+/// narinfo prints to text that parses to the same narinfo.
+pub fn fuzz_logic(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(info) = NarInfo::parse(text) {
+        let printed = info.to_string();
+        let again = NarInfo::parse(&printed)
+            .unwrap_or_else(|e| panic!("printed narinfo does not parse: {e}\n{printed}"));
+        assert_eq!(again, info);
+        let _ = info.fingerprint();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

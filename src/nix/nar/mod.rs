@@ -32,6 +32,15 @@ mod reader;
 mod sink;
 mod writer;
 
+/// Entry point for the fuzzer: on any input the reader refuses or accepts without panicking,
+/// and what it accepts it has read whole, hashed exactly.
+pub fn fuzz_logic(data: &[u8]) {
+    if let Ok(summary) = unpack(data, &mut NullSink, &NarLimits::default()) {
+        assert_eq!(summary.nar_size, data.len() as u64);
+        assert_eq!(summary.nar_hash, crate::nix::Sha256Digest::digest(data));
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

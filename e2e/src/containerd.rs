@@ -164,6 +164,31 @@ impl Containerd {
         }
     }
 
+    /// Kills containerd with SIGKILL, as a crash would (its shims keep running).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts containerd again on the same state, config and socket, and waits until its
+    /// CRI answers.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let child = Command::new(CONTAINERD)
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("restart containerd")?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
     /// containerd's gRPC socket (the CRI endpoint).
     pub fn socket(&self) -> &Path {
         &self.socket

@@ -287,3 +287,71 @@ async fn a_slow_drip_within_the_stall_timeout_succeeds_and_one_beyond_it_fails_i
     );
     assert_eq!(Store::open(root.path()).unwrap().usage().unwrap().paths, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_restarting_under_a_live_nix_cri_is_unavailable_then_recovers() {
+    use k8s_cri::v1 as cri;
+    use nix_cri_e2e::NixCriServer;
+    use nix_cri_e2e::containerd::{Containerd, image_client, runtime_client};
+
+    let fx = fixtures();
+    let mut containerd = Containerd::start().await.expect("start containerd");
+    let cache = CacheServer::start(fx.cache_dir("zstd")).await.unwrap();
+    let nix_cri = NixCriServer::start(containerd.socket(), &cache.url(), &[])
+        .await
+        .unwrap();
+    let mut runtime = runtime_client(&nix_cri.socket).await.unwrap();
+    runtime
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap();
+
+    containerd.kill();
+    for _ in 0..3 {
+        let status = runtime
+            .version(cri::VersionRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains(&containerd.socket().display().to_string()),
+            "the message names the socket: {}",
+            status.message()
+        );
+    }
+    let (status, body) = nix_cri_e2e::http_get(nix_cri.metrics, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+
+    containerd.restart().await.unwrap();
+    // The same nix-cri process, not restarted, serves again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match runtime.version(cri::VersionRequest::default()).await {
+            Ok(_) => break,
+            Err(status) if Instant::now() < deadline => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => panic!("no recovery: {status:?}\n{}", nix_cri.log_tail()),
+        }
+    }
+    assert_eq!(
+        nix_cri_e2e::http_get(nix_cri.metrics, "/readyz").unwrap().0,
+        200
+    );
+    let pulled = image_client(&nix_cri.socket)
+        .await
+        .unwrap()
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: format!("nix:0{}", fx.closure("disjoint")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("pull after recovery: {e}\n{}", nix_cri.log_tail()));
+    assert!(pulled.into_inner().image_ref.starts_with("sha256:"));
+}

@@ -265,6 +265,38 @@ impl Db {
         Ok(refs)
     }
 
+    /// The closure of `path` (itself included) with the sum of its NAR sizes, in one recursive
+    /// query: a closure of a thousand paths is one round trip, not two thousand.
+    pub fn closure(&self, path: &StorePath) -> Result<Option<(Vec<StorePath>, u64)>, StoreError> {
+        let Some(id) = self.id_of(path)? else {
+            return Ok(None);
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "with recursive closure(id) as (
+                     select ?1
+                     union
+                     select r.reference from Refs r join closure c on r.referrer = c.id
+                 )
+                 select v.path, coalesce(v.narSize, 0) from ValidPaths v join closure c on v.id = c.id",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([id], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })
+            .map_err(self.err())?;
+        let mut paths = Vec::new();
+        let mut nar_size = 0u64;
+        for row in rows {
+            let (text, size) = row.map_err(self.err())?;
+            paths.push(parse_db_path(&self.file, &text)?);
+            nar_size += size.max(0) as u64;
+        }
+        Ok(Some((paths, nar_size)))
+    }
+
     /// Every valid path with its references, for GC and closure walks.
     pub fn graph(&self) -> Result<HashMap<StorePath, (u64, Vec<StorePath>)>, StoreError> {
         let mut stmt = self

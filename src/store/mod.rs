@@ -197,30 +197,25 @@ impl Store {
     /// The closure of valid `paths` (each included), in no particular order.
     pub fn closure(&self, paths: &[StorePath]) -> Result<BTreeSet<StorePath>, StoreError> {
         let db = self.db();
-        let mut seen = BTreeSet::new();
-        let mut stack = paths.to_vec();
-        while let Some(path) = stack.pop() {
-            if seen.contains(&path) {
+        let mut closure = BTreeSet::new();
+        for path in paths {
+            if closure.contains(path) {
                 continue;
             }
-            let info = db
-                .path_info(&path)?
+            let (members, _) = db
+                .closure(path)?
                 .ok_or_else(|| StoreError::NotValid { path: path.clone() })?;
-            stack.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
-            seen.insert(path);
+            closure.extend(members);
         }
-        Ok(seen)
+        Ok(closure)
     }
 
     /// Sum of the NAR sizes of `top`'s closure.
     pub fn closure_nar_size(&self, top: &StorePath) -> Result<u64, StoreError> {
-        let closure = self.closure(std::slice::from_ref(top))?;
-        let db = self.db();
-        let mut total = 0;
-        for path in &closure {
-            total += db.path_info(path)?.map(|i| i.nar_size).unwrap_or(0);
-        }
-        Ok(total)
+        self.db()
+            .closure(top)?
+            .map(|(_, size)| size)
+            .ok_or_else(|| StoreError::NotValid { path: top.clone() })
     }
 
     /// Disk bytes and inodes under the store directory, recomputed at most every 30 seconds.

@@ -387,9 +387,22 @@ impl NixCriServer {
         cache_url: &str,
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_with_root(upstream, cache_url, None, extra_args).await
+    }
+
+    /// As [`NixCriServer::start`], on the store at `root` (another server's, after a crash)
+    /// instead of a fresh one.
+    pub async fn start_with_root(
+        upstream: &Path,
+        cache_url: &str,
+        root: Option<&Path>,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("nix-cri.sock");
-        let root = dir.path().join("root");
+        let root = root
+            .map(Path::to_owned)
+            .unwrap_or_else(|| dir.path().join("root"));
         let log = dir.path().join("nix-cri.log");
         let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let child = Command::new(nix_cri_bin())

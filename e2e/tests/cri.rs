@@ -497,3 +497,121 @@ async fn nix_images_need_the_runtime_class() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn container_roots_are_reconciled_after_a_crash() {
+    let fx = fixtures();
+    let containerd = Containerd::start().await.expect("start containerd");
+    let cache = CacheServer::start(fx.cache_dir("none")).await.unwrap();
+    let store_root = tempfile::tempdir().unwrap();
+    let mut first = NixCriServer::start_with_root(
+        containerd.socket(),
+        &cache.url(),
+        Some(store_root.path()),
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut images = image_client(&first.socket).await.unwrap();
+    let mut runtime = runtime_client(&first.socket).await.unwrap();
+    let pod_image = format!("nix:0{}", fx.closure("disjoint"));
+    let image_id = images
+        .pull_image(cri::PullImageRequest {
+            image: image_spec(&pod_image),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image_ref;
+    let logs = tempfile::tempdir().unwrap();
+    let sandbox = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config("crash-pod", logs.path())),
+            runtime_handler: "nix".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let mut create = |name: &'static str| {
+        let mut runtime = runtime.clone();
+        let sandbox = sandbox.clone();
+        let image_id = image_id.clone();
+        let pod_image = pod_image.clone();
+        let logs = logs.path().to_owned();
+        async move {
+            runtime
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: sandbox,
+                    config: Some(container_config(name, &image_id, &pod_image, &["/x"])),
+                    sandbox_config: Some(sandbox_config("crash-pod", &logs)),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .container_id
+        }
+    };
+    let removed_behind_our_back = create("a").await;
+    let root_lost_in_a_crash = create("b").await;
+    let roots = store_root
+        .path()
+        .join("nix/var/nix/gcroots/nix-cri/containers");
+    assert!(
+        roots.join(&removed_behind_our_back).exists() && roots.join(&root_lost_in_a_crash).exists()
+    );
+
+    // nix-cri dies; meanwhile one container is removed directly in containerd, and the other
+    // container's root is lost (a crash between CreateContainer and its root).
+    first.kill();
+    runtime_client(containerd.socket())
+        .await
+        .unwrap()
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: removed_behind_our_back.clone(),
+        })
+        .await
+        .unwrap();
+    std::fs::remove_file(roots.join(&root_lost_in_a_crash)).unwrap();
+
+    // Restarted on the same store, nix-cri reconciles with containerd's containers.
+    let second = NixCriServer::start_with_root(
+        containerd.socket(),
+        &cache.url(),
+        Some(store_root.path()),
+        &[],
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while roots.join(&removed_behind_our_back).exists()
+        || !roots.join(&root_lost_in_a_crash).exists()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reconciled:\n{}",
+            second.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut runtime = runtime_client(&second.socket).await.unwrap();
+    runtime
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: root_lost_in_a_crash,
+        })
+        .await
+        .unwrap();
+    runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: sandbox.clone(),
+        })
+        .await
+        .unwrap();
+    runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: sandbox,
+        })
+        .await
+        .unwrap();
+}

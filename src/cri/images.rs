@@ -159,7 +159,18 @@ impl Proxy {
         unary: Unary,
     ) -> Result<Response<Body>, CriError> {
         let request: cri::ImageStatusRequest = unary.decode("ImageStatus")?;
-        let image = request.image.map(|i| i.image).unwrap_or_default();
+        // kubelet names the image by id or by the pod's own string; the latter may come only
+        // as user_specified_image.
+        let image = request
+            .image
+            .map(|i| {
+                if i.image.is_empty() {
+                    i.user_specified_image
+                } else {
+                    i.image
+                }
+            })
+            .unwrap_or_default();
         tracing::Span::current().record("image", image.as_str());
         let found = self.find_nix_image(&image)?;
         let Some(found) = found else {

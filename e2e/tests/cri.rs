@@ -534,7 +534,7 @@ async fn container_roots_are_reconciled_after_a_crash() {
         .unwrap()
         .into_inner()
         .pod_sandbox_id;
-    let mut create = |name: &'static str| {
+    let create = |name: &'static str| {
         let mut runtime = runtime.clone();
         let sandbox = sandbox.clone();
         let image_id = image_id.clone();

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod config;
 pub mod cri;
 pub mod image;
+pub mod install;
 pub mod metrics;
 pub mod nix;
 pub mod registry;

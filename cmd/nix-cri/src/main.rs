@@ -19,6 +19,8 @@ use nix_cri::nix::StorePath;
 use nix_cri::registry::{NixImages, Registry};
 use nix_cri::store::{Realised, RootKind, RootName, Store, Substituter, Wanted};
 
+mod install;
+
 /// EX_USAGE from sysexits.h: the command line or configuration is wrong.
 const EXIT_USAGE: u8 = 64;
 
@@ -59,6 +61,11 @@ enum Command {
     Gc(GcArgs),
     /// Show what the store records about a valid path.
     PathInfo(PathInfoArgs),
+    /// Install nix-cri on a node: binary, config and systemd unit on the host, kubelet
+    /// pointed at nix-cri's socket (what the Helm chart's DaemonSet runs).
+    Install(install::InstallArgs),
+    /// Undo `install`: kubelet's file and every other file restored as it was.
+    Uninstall(install::UninstallArgs),
 }
 
 /// Store settings shared by every subcommand.
@@ -195,6 +202,7 @@ struct PathInfoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config_path = cli.config.clone();
     init_logging(cli.log_format);
     let file_config = match cli.config.as_deref().map(Config::load).transpose() {
         Ok(config) => config.unwrap_or_default(),
@@ -221,6 +229,8 @@ fn main() -> ExitCode {
             Command::Status(args) => status(file_config, args).await,
             Command::Gc(args) => gc(file_config, args).await,
             Command::PathInfo(args) => path_info(file_config, args).await,
+            Command::Install(args) => install::install(config_path.as_deref(), args).await,
+            Command::Uninstall(args) => install::uninstall(args).await,
         }
     });
     match result {

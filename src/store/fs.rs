@@ -38,6 +38,37 @@ pub fn canonicalise(path: &Path) -> io::Result<()> {
     filetime::set_symlink_file_times(path, atime, FileTime::from_unix_time(STORE_MTIME, 0))
 }
 
+/// [`canonicalise`] for a tree whose files and symlinks already have their store form (as
+/// [`crate::nix::nar::DirSink::for_store`] writes them): only directories get mode 0555 and
+/// mtime 1, children first. The walk reads entry types from the directory listings and so
+/// touches no file; a root that is not a directory is left as it is.
+pub fn canonicalise_dirs(path: &Path) -> io::Result<()> {
+    if !fs::symlink_metadata(path)?.is_dir() {
+        return Ok(());
+    }
+    canonicalise_dir(path)
+}
+
+fn canonicalise_dir(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_type = entry.file_type()?;
+        if file_type.is_dir() {
+            canonicalise_dir(&entry.path())?;
+        } else if !file_type.is_file() && !file_type.is_symlink() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is neither file, directory nor symlink",
+                    entry.path().display()
+                ),
+            ));
+        }
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o555))?;
+    filetime::set_file_mtime(dir, FileTime::from_unix_time(STORE_MTIME, 0))
+}
+
 /// Removes a file, symlink or whole tree, making read-only directories writable first (store
 /// directories are 0555, which only root may ignore). A missing path is not an error.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
@@ -135,5 +166,74 @@ mod tests {
         remove_tree(&root).unwrap();
         assert!(!root.exists());
         remove_tree(&root).unwrap();
+    }
+
+    /// Unpacking in store form and canonicalising only directories gives what unpacking
+    /// plainly and canonicalising everything gives: same modes, mtime 1, same NAR.
+    #[test]
+    fn store_form_sink_matches_full_canonicalisation() {
+        use crate::nix::nar::{DirSink, NarLimits, dump_path, unpack};
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("sub/deeper")).unwrap();
+        fs::create_dir_all(src.join("empty")).unwrap();
+        fs::write(src.join("data"), b"x").unwrap();
+        fs::write(src.join("sub/deeper/tool"), b"#!/bin/sh").unwrap();
+        fs::set_permissions(
+            src.join("sub/deeper/tool"),
+            fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        symlink("../data", src.join("sub/link")).unwrap();
+        let mut nar = Vec::new();
+        dump_path(&src, &mut nar).unwrap();
+
+        let plain = dir.path().join("plain");
+        unpack(&nar[..], &mut DirSink::new(&plain), &NarLimits::default()).unwrap();
+        canonicalise(&plain).unwrap();
+        let store = dir.path().join("store");
+        unpack(
+            &nar[..],
+            &mut DirSink::for_store(&store),
+            &NarLimits::default(),
+        )
+        .unwrap();
+        canonicalise_dirs(&store).unwrap();
+
+        for p in [
+            "",
+            "data",
+            "empty",
+            "sub",
+            "sub/deeper",
+            "sub/deeper/tool",
+            "sub/link",
+        ] {
+            let (a, b) = (
+                fs::symlink_metadata(plain.join(p)).unwrap(),
+                fs::symlink_metadata(store.join(p)).unwrap(),
+            );
+            assert_eq!(a.mode(), b.mode(), "{p}");
+            assert_eq!(b.mtime(), 1, "{p}");
+        }
+        let mut again = Vec::new();
+        dump_path(&store, &mut again).unwrap();
+        assert_eq!(again, nar);
+
+        // A NAR of a single file or symlink: the sink did everything, nothing is left to do.
+        let file = dir.path().join("file");
+        let mut file_nar = Vec::new();
+        dump_path(&src.join("data"), &mut file_nar).unwrap();
+        unpack(
+            &file_nar[..],
+            &mut DirSink::for_store(&file),
+            &NarLimits::default(),
+        )
+        .unwrap();
+        canonicalise_dirs(&file).unwrap();
+        let meta = fs::symlink_metadata(&file).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.mtime()), (0o444, 1));
     }
 }

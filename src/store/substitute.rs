@@ -708,7 +708,8 @@ impl UnpackJob {
             max_size: self.nar_size,
             max_depth: self.max_depth,
         };
-        let mut sink = DirSink::new(&self.temp);
+        // Files leave the sink in their store form; only directories remain to canonicalise.
+        let mut sink = DirSink::for_store(&self.temp);
         let summary = nar::unpack(decoded, &mut sink, &limits).map_err(|source| match source {
             NarError::Source { ref source, .. } => SubstituteError::Decompress {
                 path: path.clone(),
@@ -739,7 +740,7 @@ impl UnpackJob {
                 got: summary.nar_hash,
             });
         }
-        fs::canonicalise(&self.temp).map_err(|source| SubstituteError::Store {
+        fs::canonicalise_dirs(&self.temp).map_err(|source| SubstituteError::Store {
             path: path.to_string(),
             source: StoreError::Io {
                 path: self.temp.clone(),

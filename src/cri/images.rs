@@ -119,25 +119,43 @@ impl Proxy {
         let upstream_reference = self
             .images
             .reference(&self.config.registry_addr, &realised.top);
-        let pulled = self
+        let root_spec = cri::ImageSpec {
+            image: upstream_reference.clone(),
+            ..cri::ImageSpec::default()
+        };
+        // When the runtime already has the root image (the image was pulled before), asking is
+        // one metadata lookup, while its PullImage resolves the reference through our registry
+        // again: tens of milliseconds in containerd 1.6, most of a warm pull. Any doubt (an
+        // error, another id) falls through to PullImage.
+        let present = self
             .upstream
             .images()
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: upstream_reference.clone(),
-                    ..cri::ImageSpec::default()
-                }),
-                auth: None,
-                sandbox_config: None,
+            .image_status(cri::ImageStatusRequest {
+                image: Some(root_spec.clone()),
+                verbose: false,
             })
             .await
-            .map_err(CriError::upstream)?
-            .into_inner();
-        if pulled.image_ref != id {
-            tracing::warn!(
-                runtime = %pulled.image_ref, ours = %id,
-                "the runtime reports another id for the root image than its config digest"
-            );
+            .ok()
+            .and_then(|status| status.into_inner().image)
+            .is_some_and(|image| image.id == id);
+        if !present {
+            let pulled = self
+                .upstream
+                .images()
+                .pull_image(cri::PullImageRequest {
+                    image: Some(root_spec),
+                    auth: None,
+                    sandbox_config: None,
+                })
+                .await
+                .map_err(CriError::upstream)?
+                .into_inner();
+            if pulled.image_ref != id {
+                tracing::warn!(
+                    runtime = %pulled.image_ref, ours = %id,
+                    "the runtime reports another id for the root image than its config digest"
+                );
+            }
         }
         let store = self.store.clone();
         let top = realised.top.clone();

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use nix_cri::install::{
-    self as installer, CriVersionProbe, Host, HostSystemctl, InstallOptions, KubeletSetup, Report,
-    SystemctlVia, TokioClock,
+    self as installer, CriVersionProbe, Host, HostSystemctl, InstallOptions, KubeletSetup,
+    NodeLabeler, Report, SystemctlVia, TokioClock,
 };
 
 #[derive(Args)]
@@ -67,11 +67,32 @@ enum Via {
 }
 
 impl HostArgs {
-    fn systemctl(&self) -> HostSystemctl {
-        HostSystemctl::new(match self.systemctl_via {
-            Via::Nsenter => SystemctlVia::Nsenter,
-            Via::Chroot => SystemctlVia::Chroot(self.host_root.clone()),
+    /// The real host: its systemctl, the node label (in a cluster), nix-cri's socket.
+    fn effects(&self) -> anyhow::Result<HostEffects> {
+        Ok(HostEffects {
+            systemd: HostSystemctl::new(match self.systemctl_via {
+                Via::Nsenter => SystemctlVia::Nsenter,
+                Via::Chroot => SystemctlVia::Chroot(self.host_root.clone()),
+            }),
+            labeler: installer::labeler_from_env(self.node_name.clone())?,
         })
+    }
+}
+
+/// What [`Host`] borrows.
+struct HostEffects {
+    systemd: HostSystemctl,
+    labeler: Box<dyn NodeLabeler>,
+}
+
+impl HostEffects {
+    fn host(&self) -> Host<'_> {
+        Host {
+            systemd: &self.systemd,
+            labeler: self.labeler.as_ref(),
+            probe: &CriVersionProbe,
+            clock: &TokioClock,
+        }
     }
 }
 
@@ -88,14 +109,8 @@ pub async fn install(config_path: Option<&Path>, args: InstallArgs) -> anyhow::R
         },
         socket_timeout: Duration::from_secs(args.socket_timeout),
     };
-    let systemd = args.host.systemctl();
-    let labeler = installer::labeler_from_env(args.host.node_name.clone())?;
-    let host = Host {
-        systemd: &systemd,
-        labeler: labeler.as_ref(),
-        probe: &CriVersionProbe,
-        clock: &TokioClock,
-    };
+    let effects = args.host.effects()?;
+    let host = effects.host();
     if args.watch {
         eprintln!(
             "nix-cri: watching the installation under {} every {}s",
@@ -106,7 +121,7 @@ pub async fn install(config_path: Option<&Path>, args: InstallArgs) -> anyhow::R
             &opts,
             &host,
             Duration::from_secs(args.interval),
-            shutdown_signal(),
+            super::shutdown_signal(),
         )
         .await;
         return Ok(());
@@ -117,14 +132,8 @@ pub async fn install(config_path: Option<&Path>, args: InstallArgs) -> anyhow::R
 }
 
 pub async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
-    let systemd = args.host.systemctl();
-    let labeler = installer::labeler_from_env(args.host.node_name.clone())?;
-    let host = Host {
-        systemd: &systemd,
-        labeler: labeler.as_ref(),
-        probe: &CriVersionProbe,
-        clock: &TokioClock,
-    };
+    let effects = args.host.effects()?;
+    let host = effects.host();
     let report = installer::uninstall(&args.host.host_root, &host).await?;
     print_report("uninstalled", &report);
     Ok(())
@@ -145,20 +154,4 @@ fn print_report(done: &str, report: &Report) {
         eprintln!("nix-cri: stopped and disabled {unit}");
     }
     eprintln!("nix-cri: {done}");
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

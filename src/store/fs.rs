@@ -7,8 +7,7 @@ use std::path::Path;
 
 use filetime::FileTime;
 
-/// Nix sets every store file's mtime to 1 so that builds reading timestamps are reproducible.
-const STORE_MTIME: i64 = 1;
+use crate::nix::nar::STORE_MTIME;
 
 /// Gives a freshly unpacked tree the canonical form of a Nix store path: regular files 0444 or
 /// 0555 (when any execute bit is set), directories 0555, mtime 1 on everything, symlinks

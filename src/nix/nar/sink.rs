@@ -28,8 +28,8 @@ pub struct DirSink {
     store_form: bool,
 }
 
-/// The mtime Nix gives everything in the store.
-const STORE_MTIME: i64 = 1;
+/// Nix sets every store file's mtime to 1 so that builds reading timestamps are reproducible.
+pub const STORE_MTIME: i64 = 1;
 
 impl DirSink {
     pub fn new(root: impl Into<PathBuf>) -> Self {

@@ -29,11 +29,8 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 # 1. The toolchain: static busybox as <store>/bin/{busybox,sh} (same path as hack/fixtures).
-mkdir -p "$tmp/busybox-static/bin"
-cp /bin/busybox "$tmp/busybox-static/bin/busybox"
-chmod 555 "$tmp/busybox-static/bin/busybox"
-ln -s busybox "$tmp/busybox-static/bin/sh"
-busybox=$(nix-store --add "$tmp/busybox-static")
+. "$here/fixtures/busybox.sh"
+busybox=$(add_busybox_to_store)
 
 # 2. The sources, with fingerprints.
 python3 - "$out/sources.json.tmp" <<'EOF'

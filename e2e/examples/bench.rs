@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use nix_cri_e2e::containerd::{Containerd, image_client, runtime_client};
-use nix_cri_e2e::{CacheServer, free_port, workspace};
+use nix_cri_e2e::{CacheServer, NixCriServer, ServeOptions, nix_cri_bin, workspace};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -97,12 +97,6 @@ fn say(text: impl AsRef<str>) {
 fn started() -> Instant {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *START.get_or_init(Instant::now)
-}
-
-fn nix_cri_bin() -> PathBuf {
-    std::env::var_os("NIX_CRI_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/release/nix-cri"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -363,87 +357,34 @@ fn oci_reply<B>(req: &Request<B>, image: &OciImage, counter: &AtomicU64) -> Resp
 // ---------------------------------------------------------------------------------------------
 // `nix-cri serve` as a child process whose pid we know (for /proc/<pid>/status).
 
-struct Serve {
-    child: Child,
-    socket: PathBuf,
-    root: PathBuf,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+/// `nix-cri serve` (the release binary) with its store and socket under `base` (a tmpfs).
+async fn serve(
+    base: &Path,
+    upstream: &Path,
+    cache_url: &str,
+    key: &str,
+) -> anyhow::Result<NixCriServer> {
+    NixCriServer::spawn(ServeOptions {
+        upstream,
+        cache_url,
+        trusted_key: key,
+        root: None,
+        dir_in: Some(base),
+        log_filter: "info",
+        extra_args: &[],
+    })
+    .await
 }
 
-impl Serve {
-    async fn start(
-        base: &Path,
-        upstream: &Path,
-        cache_url: &str,
-        key: &str,
-    ) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("serve-").tempdir_in(base)?;
-        let socket = dir.path().join("nix-cri.sock");
-        let root = dir.path().join("root");
-        let log = dir.path().join("nix-cri.log");
-        let child = Command::new(nix_cri_bin())
-            .arg("serve")
-            .arg("--listen")
-            .arg(&socket)
-            .arg("--upstream")
-            .arg(upstream)
-            .arg("--root")
-            .arg(&root)
-            .args(["--registry-addr", "127.0.0.1:0"])
-            .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{}", free_port()))
-            .args(["--substituter", cache_url, "--trusted-public-key", key])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("start nix-cri serve")?;
-        let mut serve = Self {
-            child,
-            socket,
-            root,
-            log,
-            _dir: dir,
-        };
-        for _ in 0..200 {
-            if tokio::net::UnixStream::connect(&serve.socket).await.is_ok() {
-                return Ok(serve);
-            }
-            if let Some(status) = serve.child.try_wait()? {
-                bail!("nix-cri serve exited with {status}:\n{}", serve.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!(
-            "nix-cri serve did not listen within 10 s:\n{}",
-            serve.log_tail()
-        )
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_tail(&self) -> String {
-        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 30)
-    }
-
-    fn store_entries(&self) -> usize {
-        std::fs::read_dir(self.root.join("nix/store"))
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                    .count()
-            })
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Store paths (not temporary entries) in the store under `root`.
+fn store_entries(root: &Path) -> usize {
+    std::fs::read_dir(root.join("nix/store"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn image_spec(image: &str) -> Option<cri::ImageSpec> {
@@ -553,6 +494,12 @@ async fn main() -> anyhow::Result<()> {
         serde_json::from_slice(&std::fs::read(&o.manifest).with_context(|| {
             format!("read {}: run hack/bench-closure.sh", o.manifest.display())
         })?)?;
+    // The library's nix_cri_bin() would build a debug binary without it.
+    ensure!(
+        std::env::var_os("NIX_CRI_BIN").is_some(),
+        "NIX_CRI_BIN is not set: run the benchmarks through hack/bench, which builds and names \
+         the release binary"
+    );
     ensure!(
         nix_cri_bin().exists(),
         "{} is missing: cargo build --release -p nix-cri-cmd",
@@ -847,7 +794,7 @@ async fn rss(
             "RSS of nix-cri serve: idle, then pulling `{name}` ({paths} paths, {:.0} MB of NAR) from the {c} cache",
             nar as f64 / 1e6
         ));
-        let serve = Serve::start(&b.work, containerd.socket(), &caches[c].url(), &b.key).await?;
+        let serve = serve(&b.work, containerd.socket(), &caches[c].url(), &b.key).await?;
         let pid = serve.pid();
         let mut images = image_client(&serve.socket).await?;
         // Idle: after start-up and one forwarded call, as a node's nix-cri sits between pulls.
@@ -889,7 +836,7 @@ async fn rss(
         wait_until(
             Duration::from_secs(120),
             "nix-cri collecting the closure",
-            || serve.store_entries() == 0,
+            || store_entries(&serve.root) == 0,
         )
         .await?;
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -917,7 +864,7 @@ async fn cri_scenarios(
     containerd: &Containerd,
     caches: &HashMap<&str, CacheServer>,
 ) -> anyhow::Result<()> {
-    let serve = Serve::start(&b.work, containerd.socket(), &caches["zstd"].url(), &b.key).await?;
+    let serve = serve(&b.work, containerd.socket(), &caches["zstd"].url(), &b.key).await?;
     let mut images = image_client(&serve.socket).await?;
     let mut ctrd_images = image_client(containerd.socket()).await?;
     let busybox_image = containerd.busybox_image();
@@ -960,14 +907,14 @@ async fn cri_scenarios(
 
     // -- incremental pull: big present, then `update` (90% shared)
     if b.wants("incremental") {
-        let before_big = serve.store_entries();
+        let before_big = store_entries(&serve.root);
         let big = format!("nix:0{}", b.top("big"));
         let update = format!("nix:0{}", b.top("update"));
         say("incremental pull: big present, then update (90% of its paths shared)");
         pull(&mut images, &big)
             .await
             .with_context(|| serve.log_tail())?;
-        let with_big = serve.store_entries();
+        let with_big = store_entries(&serve.root);
         let mut incremental = Vec::new();
         let mut cold = Vec::new();
         for run in 0..b.o.runs {
@@ -979,7 +926,7 @@ async fn cri_scenarios(
             wait_until(
                 Duration::from_secs(60),
                 "collecting update's own paths",
-                || serve.store_entries() == with_big,
+                || store_entries(&serve.root) == with_big,
             )
             .await?;
             let root = b.work.join("nix-cri-store");
@@ -1035,7 +982,7 @@ async fn cri_scenarios(
                    "seconds": {"incremental (CRI, big present)": incremental, "cold (CLI, empty store)": cold}}),
         );
         wait_until(Duration::from_secs(120), "collecting big", || {
-            serve.store_entries() == before_big
+            store_entries(&serve.root) == before_big
         })
         .await?;
     }
@@ -1070,7 +1017,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn forwarding(b: &mut Bench, containerd: &Containerd, serve: &Serve) -> anyhow::Result<()> {
+async fn forwarding(
+    b: &mut Bench,
+    containerd: &Containerd,
+    serve: &NixCriServer,
+) -> anyhow::Result<()> {
     let point = Duration::from_millis(if b.o.quick { 300 } else { 700 });
     say(format!(
         "forwarded Version: 1, 16, 64 callers; {} runs of {point:?} per point, direct and through nix-cri interleaved",
@@ -1162,7 +1113,11 @@ fn sandbox_config(log_dir: &Path) -> cri::PodSandboxConfig {
     }
 }
 
-async fn create_start(b: &mut Bench, containerd: &Containerd, serve: &Serve) -> anyhow::Result<()> {
+async fn create_start(
+    b: &mut Bench,
+    containerd: &Containerd,
+    serve: &NixCriServer,
+) -> anyhow::Result<()> {
     let mut images = image_client(&serve.socket).await?;
     let mut runtime = runtime_client(&serve.socket).await?;
     let tiny = format!("nix:0{}", b.top("tiny500"));

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -368,6 +368,22 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// How [`NixCriServer::spawn`] starts `nix-cri serve`.
+pub struct ServeOptions<'a> {
+    /// The runtime's socket.
+    pub upstream: &'a Path,
+    pub cache_url: &'a str,
+    /// `NAME:KEY` of the cache's signing key.
+    pub trusted_key: &'a str,
+    /// An existing store root; `None`: a fresh one in the server's directory.
+    pub root: Option<&'a Path>,
+    /// Where the server's temporary directory goes; `None`: the system's temporary directory.
+    pub dir_in: Option<&'a Path>,
+    /// `NIX_CRI_LOG`.
+    pub log_filter: &'a str,
+    pub extra_args: &'a [&'a str],
+}
+
 /// `nix-cri serve` as a child process, as the node runs it.
 pub struct NixCriServer {
     pub socket: PathBuf,
@@ -398,9 +414,27 @@ impl NixCriServer {
         root: Option<&Path>,
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::spawn(ServeOptions {
+            upstream,
+            cache_url,
+            trusted_key: fixtures().public_key(),
+            root,
+            dir_in: None,
+            log_filter: "nix_cri=debug,info",
+            extra_args,
+        })
+        .await
+    }
+
+    /// Starts `nix-cri serve` as `options` say; waits until its socket accepts connections.
+    pub async fn spawn(options: ServeOptions<'_>) -> anyhow::Result<Self> {
+        let dir = match options.dir_in {
+            Some(base) => tempfile::Builder::new().prefix("serve-").tempdir_in(base)?,
+            None => tempfile::tempdir()?,
+        };
         let socket = dir.path().join("nix-cri.sock");
-        let root = root
+        let root = options
+            .root
             .map(Path::to_owned)
             .unwrap_or_else(|| dir.path().join("root"));
         let log = dir.path().join("nix-cri.log");
@@ -410,16 +444,17 @@ impl NixCriServer {
             .arg("--listen")
             .arg(&socket)
             .arg("--upstream")
-            .arg(upstream)
+            .arg(options.upstream)
             .arg("--root")
             .arg(&root)
             .args(["--registry-addr", "127.0.0.1:0"])
             .arg("--metrics-addr")
             .arg(metrics.to_string())
-            .args(["--substituter", cache_url])
-            .args(["--trusted-public-key", fixtures().public_key()])
-            .args(extra_args)
-            .env("NIX_CRI_LOG", "nix_cri=debug,info")
+            .args(["--substituter", options.cache_url])
+            .args(["--trusted-public-key", options.trusted_key])
+            .args(options.extra_args)
+            .env("NIX_CRI_LOG", options.log_filter)
+            .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("start nix-cri serve")?;
@@ -444,6 +479,11 @@ impl NixCriServer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         bail!("nix-cri did not listen within 10s:\n{}", server.log_tail())
+    }
+
+    /// The server's process id (to read its memory use).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_tail(&self) -> String {

@@ -105,7 +105,7 @@ async fn the_node_image_runs_nix_cri_through_the_cri() {
     // The image's entrypoint is nix-cri; `args` alone run it, as a pod spec's `args` would.
     // It runs with no libc in the image: the binary is static.
     let pod = Pod {
-        sandbox: sandbox.clone(),
+        sandbox,
         sandbox_config,
         image_id: image.id.clone(),
         reference: reference.clone(),
@@ -131,18 +131,7 @@ async fn the_node_image_runs_nix_cri_through_the_cri() {
     assert_eq!(code, 0, "{output}");
     assert!(output.contains("tools-ok"), "{output}");
 
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox,
-        })
-        .await
-        .unwrap();
+    containerd.remove_all_pods().await.unwrap();
 }
 
 /// A pod sandbox running the node image, as kubelet set it up.

@@ -10,39 +10,25 @@ use k8s_cri::v1 as cri;
 use nix_cri_e2e::containerd::{
     Containerd, image_client, read_cri_log, runtime_client, wait_for_exit,
 };
-use nix_cri_e2e::{CacheServer, NixCriServer, fixtures, workspace};
+use nix_cri_e2e::{CacheServer, NixCriServer, fixtures, run, workspace};
 
 /// Runs `hack/image` (a static release build, so minutes on a cold cache) and returns the
 /// archive and the reference it names.
 fn build_image() -> (std::path::PathBuf, String) {
     let out = workspace().join("target/node-image");
-    let output = Command::new(workspace().join("hack/image"))
-        .arg(&out)
-        .output()
-        .expect("run hack/image");
-    assert!(
-        output.status.success(),
-        "hack/image failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = run(Command::new(workspace().join("hack/image")).arg(&out))
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let reference = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     (out.join("nix-cri-image.tar"), reference)
 }
 
 fn import(containerd: &Containerd, archive: &Path) {
-    let output = Command::new("ctr")
+    run(Command::new("ctr")
         .arg("--address")
         .arg(containerd.socket())
         .args(["--namespace", "k8s.io", "images", "import"])
-        .arg(archive)
-        .output()
-        .expect("run ctr");
-    assert!(
-        output.status.success(),
-        "ctr images import failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .arg(archive))
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -315,6 +315,24 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
     let disjoint = fx.closure("disjoint");
     let out = exec(format!("test -e {disjoint}")).await;
     assert_ne!(out.exit_code, 0, "{disjoint} is not in the image's closure");
+    // The whole closure arrives in one read-only mount of its view, not one mount per path.
+    let out = exec("cat /proc/self/mountinfo".to_owned()).await;
+    let mountinfo = String::from_utf8_lossy(&out.stdout);
+    let store_mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .nth(4)
+                .is_some_and(|at| at.starts_with("/nix"))
+        })
+        .collect();
+    assert_eq!(store_mounts.len(), 1, "{mountinfo}");
+    assert_eq!(store_mounts[0].split(' ').nth(4), Some("/nix/store"));
+    let view = nix_cri
+        .root
+        .join("nix/var/nix-cri/views")
+        .join(top.trim_start_matches("/nix/store/"));
+    assert!(view.join(bottom.trim_start_matches("/nix/store/")).exists());
 
     // An ordinary image's container in the same pod, through the same socket.
     let busybox_image = containerd.busybox_image();
@@ -410,7 +428,7 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
         .unwrap();
     let bottom_on_disk = nix_cri.root.join(bottom.trim_start_matches('/'));
     for _ in 0..100 {
-        if !bottom_on_disk.exists() {
+        if !bottom_on_disk.exists() && !view.exists() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -425,6 +443,11 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "store not empty: {left:?}");
+    let views: Vec<_> = std::fs::read_dir(nix_cri.root.join("nix/var/nix-cri/views"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(views.is_empty(), "views left: {views:?}");
     run(nix_command("nix-store")
         .arg("--store")
         .arg(&nix_cri.root)

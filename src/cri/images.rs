@@ -162,7 +162,13 @@ impl Proxy {
         let image_root = RootName::new(RootKind::Image, &id)?;
         tokio::task::spawn_blocking(move || {
             store.add_root(&image_root, &top)?;
-            store.remove_root(&pending)
+            store.remove_root(&pending)?;
+            // Built now so that containers start with one mount; if it cannot be built,
+            // CreateContainer tries again and else mounts path by path.
+            if let Err(err) = store.build_view(&top) {
+                tracing::warn!(%top, %err, "cannot build the closure view");
+            }
+            Ok::<_, crate::store::StoreError>(())
         })
         .await
         .map_err(|e| CriError::Internal(e.to_string()))??;

@@ -10,7 +10,7 @@
 //! | PullImage, ImageStatus, RemoveImage of a `nix:` image | answers itself (PullImage also pulls the root image upstream) |
 //! | ListImages, ImageFsInfo | forwards, then adds nix images / the store's usage to the answer |
 //! | RunPodSandbox with the nix handler | marks the sandbox, forwards it with the runtime's handler |
-//! | CreateContainer of a nix image | appends one read-only bind mount per closure path, roots the closure |
+//! | CreateContainer of a nix image | appends a read-only bind mount of the closure's view at `/nix/store`, roots the closure |
 //! | RemoveContainer | forwards, then drops the container's root |
 //! | Status | forwards, then adds the nix handler to `runtime_handlers` |
 //!

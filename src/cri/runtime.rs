@@ -113,8 +113,9 @@ impl Proxy {
         Ok(opted_in)
     }
 
-    /// A container of a nix image gets one read-only bind mount per closure path, and a root
-    /// that holds the closure until the container is removed.
+    /// A container of a nix image gets its closure's view (see `store::views`) at /nix/store
+    /// in one read-only bind mount, and a root that holds the closure and the view until the
+    /// container is removed.
     pub(super) async fn create_container(
         self: Arc<Self>,
         unary: Unary,
@@ -162,30 +163,45 @@ impl Proxy {
         // cannot remove the image's paths in between (RemoveImage racing CreateContainer).
         let store = self.store.clone();
         let top = found.top.clone();
-        let (gc_lock, closure) = tokio::task::spawn_blocking(move || {
+        let (gc_lock, closure, view) = tokio::task::spawn_blocking(move || {
             let lock = store.lock_gc_shared()?;
             let closure = store.closure(std::slice::from_ref(&top))?;
-            Ok::<_, CriError>((lock, closure))
+            let view = store
+                .ensure_view(&top, &closure)
+                .inspect_err(|err| {
+                    tracing::warn!(%top, %err, "no closure view; mounting path by path");
+                })
+                .ok();
+            Ok::<_, CriError>((lock, closure, view))
         })
         .await
         .map_err(|e| CriError::Internal(e.to_string()))??;
 
-        // config (2) → mounts (7), appended to the config as sent. Paths that are symlinks
-        // are in the root image already: a runtime resolves a bind mount's host path, which
-        // would follow the link into the host's own /nix/store.
+        // config (2) → mounts (7), appended to the config as sent: the closure view at
+        // /nix/store, one mount for the whole closure (see store::views).
         let mut config_patch = BytesMut::new();
-        for path in &closure {
-            let real = self.store.real_path(path);
-            if std::fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_symlink()) {
-                continue;
-            }
+        let mut put_mount = |container_path: String, host_path: &std::path::Path| {
             let mount = cri::Mount {
-                container_path: format!("{STORE_DIR}/{}", path.base_name()),
-                host_path: real.display().to_string(),
+                container_path,
+                host_path: host_path.display().to_string(),
                 readonly: true,
                 ..cri::Mount::default()
             };
             wire::put_len_field(&mut config_patch, 7, &mount.encode_to_vec());
+        };
+        if let Some(view) = &view {
+            put_mount(STORE_DIR.to_owned(), view);
+        } else {
+            // Without a view, one mount per path. Paths that are symlinks are in the root
+            // image already: a runtime resolves a bind mount's host path, which would follow
+            // the link into the host's own /nix/store.
+            for path in &closure {
+                let real = self.store.real_path(path);
+                if std::fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_symlink()) {
+                    continue;
+                }
+                put_mount(format!("{STORE_DIR}/{}", path.base_name()), &real);
+            }
         }
         let patched = wire::rewrite(
             unary.message()?,

@@ -1,10 +1,11 @@
 //! The root image of a Nix image: one small deterministic layer that containerd unpacks, while
-//! the closure itself is bind-mounted at `/nix/store/<path>` when a container is created.
+//! the closure itself is bind-mounted at `/nix/store` when a container is created (its view, or
+//! path by path when there is no view: see `store::views`).
 //!
 //! The layer holds, in sorted order:
 //! - `etc/passwd` (root, nobody) and `etc/group` (root, nobody), 0644 — each left out when a
 //!   link is that file or `/etc` itself,
-//! - `nix/store/`, 0755 and empty (the mount points go in it),
+//! - `nix/store/`, 0755 and empty (the mount point),
 //! - `root/`, 0700 (root's home), and `tmp/`, 1777 — each left out when a link replaces it,
 //! - the spec's links as symlinks, with any missing parent directory (0755),
 //! - `nix/store/<name>` as a symlink for each closure path that is itself a symlink: a bind

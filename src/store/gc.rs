@@ -17,6 +17,8 @@ pub struct GcReport {
     pub disk_bytes_freed: u64,
     /// Leftovers of interrupted writes removed on the way.
     pub leftovers_removed: usize,
+    /// Closure views deleted because no root holds their top any more.
+    pub views_removed: usize,
 }
 
 impl Store {
@@ -105,6 +107,7 @@ impl Store {
         if only.is_none() {
             report.leftovers_removed = self.remove_leftovers()?.len();
         }
+        report.views_removed = self.remove_unrooted_views(&roots.iter().cloned().collect())?;
         let metrics = crate::metrics::global();
         metrics.gc_runs.inc();
         metrics.gc_freed_bytes.inc_by(report.disk_bytes_freed);

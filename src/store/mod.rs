@@ -17,6 +17,7 @@ pub mod fs;
 mod gc;
 mod roots;
 pub mod substitute;
+mod views;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -296,9 +297,9 @@ impl Store {
         Ok(GcLock(file))
     }
 
-    /// Removes what interrupted writes and deletes left behind, but only when no pull or GC
-    /// (ours or another process's) holds `gc.lock`: their in-progress temporaries are not
-    /// leftovers.
+    /// Removes what interrupted writes and deletes left behind, and closure views no root
+    /// holds, but only when no pull or GC (ours or another process's) holds `gc.lock`: their
+    /// in-progress temporaries are not leftovers.
     fn remove_leftovers_if_idle(&self) -> Result<(), StoreError> {
         let (file, path) = self.gc_lock_file()?;
         match file.try_lock() {
@@ -310,6 +311,11 @@ impl Store {
             Err(std::fs::TryLockError::Error(err)) => return Err(io_err(&path)(err)),
         }
         let removed = self.remove_leftovers()?;
+        let rooted = self.all_roots()?.into_iter().collect();
+        let views = self.remove_unrooted_views(&rooted)?;
+        if views > 0 {
+            tracing::info!(count = views, "removed unrooted closure views");
+        }
         if !removed.is_empty() {
             tracing::info!(
                 count = removed.len(),

@@ -37,7 +37,38 @@ struct Received {
 struct FakeUpstream {
     socket: PathBuf,
     received: Arc<Mutex<Vec<Received>>>,
+    /// Set when a `/test.Stream/Echo` call's request stream ended in a reset.
+    echo_reset: Arc<std::sync::atomic::AtomicBool>,
     _dir: tempfile::TempDir,
+}
+
+/// A bidirectional stream no CRI version has: each request data frame is echoed as it
+/// arrives, the end of the request ends the answer. Records a reset in `reset`.
+fn echo_stream(mut body: Incoming, reset: Arc<std::sync::atomic::AtomicBool>) -> Response<Body> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    tokio::spawn(async move {
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && tx.send(Ok(Frame::data(data))).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(Err(_)) => {
+                    reset.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                None => {
+                    let _ = tx.send(Ok(Frame::trailers(ok_trailers()))).await;
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    grpc_response(StreamBody::new(stream).boxed_unsync())
 }
 
 fn frames(items: Vec<Frame<Bytes>>) -> Body {
@@ -133,15 +164,22 @@ impl FakeUpstream {
         let socket = dir.path().join("runtime.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
+        let echo_reset = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let log = received.clone();
+        let reset = echo_reset.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let log = log.clone();
+                let reset = reset.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         let log = log.clone();
+                        let reset = reset.clone();
                         async move {
                             let (parts, body) = request.into_parts();
+                            if parts.uri.path() == "/test.Stream/Echo" {
+                                return Ok(echo_stream(body, reset));
+                            }
                             let body = body
                                 .collect()
                                 .await
@@ -165,6 +203,7 @@ impl FakeUpstream {
         Self {
             socket,
             received,
+            echo_reset,
             _dir: dir,
         }
     }
@@ -695,4 +734,91 @@ async fn gc_policy_removes_unused_images_least_recently_used_first() {
         removals, 2,
         "the root images were removed from the runtime too"
     );
+}
+
+/// Opens `/test.Stream/Echo` through the proxy: the request body is fed from the returned
+/// sender, the answer's frames arrive on the returned body.
+async fn open_echo(
+    proxy: &Path,
+) -> (
+    tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    Incoming,
+) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build::<_, Body>(UnixConnector::new(proxy));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let request = Request::post("http://nix-cri/test.Stream/Echo")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body.boxed_unsync())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
+        .await
+        .expect("the answer's headers come before the request ends")
+        .unwrap();
+    (tx, response.into_body())
+}
+
+/// Reads data frames from `body` until `want` bytes arrived.
+async fn read_echo(body: &mut Incoming, want: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("echoed while the request stream is still open")
+            .expect("the answer goes on")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            got.extend_from_slice(&data);
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bidirectional_streams_flow_both_ways_and_cancellation_reaches_the_runtime() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+
+    // Each message is answered before the next is sent: nothing waits for the whole request.
+    // The second is larger than one flow-control window's worth of a small message.
+    let (tx, mut answer) = open_echo(&proxy.socket).await;
+    let first = wire::frame(b"first message");
+    tx.send(Ok(Frame::data(first.clone()))).await.unwrap();
+    assert_eq!(read_echo(&mut answer, first.len()).await, first);
+    let large: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let second = wire::frame(&large);
+    tx.send(Ok(Frame::data(second.clone()))).await.unwrap();
+    assert_eq!(read_echo(&mut answer, second.len()).await, second);
+    // The request's end ends the answer, with the runtime's trailers.
+    drop(tx);
+    let rest = answer.collect().await.unwrap();
+    assert_eq!(
+        rest.trailers().and_then(|t| t.get("x-runtime-trailer")),
+        Some(&HeaderValue::from_static("kept"))
+    );
+    assert!(
+        !upstream
+            .echo_reset
+            .load(std::sync::atomic::Ordering::SeqCst)
+    );
+
+    // A caller that goes away mid-stream: the runtime sees its stream reset.
+    let (tx, mut answer) = open_echo(&proxy.socket).await;
+    tx.send(Ok(Frame::data(first.clone()))).await.unwrap();
+    assert_eq!(read_echo(&mut answer, first.len()).await, first);
+    tx.send(Err("the caller gave up".into())).await.unwrap();
+    drop(answer);
+    for _ in 0..50 {
+        if upstream
+            .echo_reset
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the runtime's stream was not reset after the caller went away");
 }

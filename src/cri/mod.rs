@@ -171,19 +171,23 @@ impl Proxy {
         // method names, so a stray client cannot grow the label set without bound.
         let known = service.starts_with("runtime.v1.") || service == admin::SERVICE;
         let label = if known { method } else { "other" };
-        let span = tracing::info_span!("cri", method = %method, image = tracing::field::Empty);
         let started = std::time::Instant::now();
-        let response = async {
-            if service == admin::SERVICE {
-                return admin::call(admin, request).await;
+        let handler = intercepted(service, method);
+        let response = if service == admin::SERVICE || handler.is_some() {
+            // The calls nix-cri handles get a span for what they log. Calls it only forwards
+            // log nothing, and a span each would cost more than the rest of their overhead.
+            let span = tracing::info_span!("cri", method = %method, image = tracing::field::Empty);
+            async {
+                match handler {
+                    Some(handler) => self.intercept(request, handler).await,
+                    None => admin::call(admin, request).await,
+                }
             }
-            match intercepted(service, method) {
-                Some(handler) => self.intercept(request, handler).await,
-                None => self.upstream.forward(request.map(grpc::boxed)).await,
-            }
-        }
-        .instrument(span)
-        .await;
+            .instrument(span)
+            .await
+        } else {
+            self.upstream.forward(request.map(grpc::boxed)).await
+        };
         observe(label, started, response)
     }
 

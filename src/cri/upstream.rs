@@ -3,24 +3,35 @@
 //! Two views of one socket: a raw HTTP/2 client that forwards requests as they are (headers,
 //! body frames, trailers: nothing decoded), and tonic clients for the few calls nix-cri makes
 //! itself. Both connect lazily and reconnect on the next call after the runtime restarts.
+//!
+//! The forwarding client is the `h2` crate's, used directly: a call is sent on the shared
+//! connection from the task that serves it, and the connection's task wakes that task when the
+//! answer arrives. hyper's client would add a dispatch channel, a task per request and a
+//! callback hop to every call; on the forwarding path, which every kubelet call takes, those
+//! were most of what nix-cri added to a call's latency.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
+use h2::SendStream;
+use h2::client::SendRequest;
 use http::{Request, Response, Uri};
-use hyper_util::client::legacy::Client;
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-use super::grpc::{self, Body};
+use super::grpc::{self, Body, BoxError};
 
 /// The CRI's message size limit on both kubelet's and containerd's side.
 pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
@@ -28,24 +39,22 @@ pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
 #[derive(Clone)]
 pub struct Upstream {
     socket: Arc<PathBuf>,
-    client: Client<UnixConnector, Body>,
+    forwarder: Arc<Forwarder>,
     channel: Channel,
 }
 
 impl Upstream {
     pub fn new(socket: &Path) -> Self {
         let socket = Arc::new(socket.to_owned());
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            // kubelet's own client settings: large frames, no artificial stream limit.
-            .http2_initial_stream_window_size(Some(4 << 20))
-            .http2_initial_connection_window_size(Some(16 << 20))
-            .build(UnixConnector(socket.clone()));
         let channel = Endpoint::from_static("http://upstream.nix-cri")
             .connect_with_connector_lazy(UnixConnector(socket.clone()));
         Self {
+            forwarder: Arc::new(Forwarder {
+                socket: socket.clone(),
+                connection: std::sync::Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
             socket,
-            client,
             channel,
         }
     }
@@ -69,21 +78,9 @@ impl Upstream {
     /// Sends `request` to the runtime as it is and returns the runtime's response as it is.
     /// If the runtime cannot be reached, the answer is UNAVAILABLE naming its socket.
     pub async fn forward(&self, request: Request<Body>) -> Response<Body> {
-        let (mut parts, body) = request.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = match format!("http://upstream.nix-cri{path}").parse::<Uri>() {
-            Ok(uri) => uri,
-            Err(err) => {
-                return grpc::status_response(Code::Internal, &format!("bad request path: {err}"));
-            }
-        };
-        match self.client.request(Request::from_parts(parts, body)).await {
-            Ok(response) => response.map(grpc::boxed),
-            Err(err) => grpc::status_response(Code::Unavailable, &self.unavailable_message(&err)),
+        match self.forwarder.forward(request).await {
+            Ok(response) => response,
+            Err(err) => grpc::status_response(Code::Unavailable, &self.unavailable_message(&*err)),
         }
     }
 
@@ -99,6 +96,190 @@ impl Upstream {
             source = cause.source();
         }
         message
+    }
+}
+
+/// The forwarding connection to the runtime: one HTTP/2 connection, as kubelet keeps one,
+/// opened on first use and again after it fails.
+struct Forwarder {
+    socket: Arc<PathBuf>,
+    /// The open connection's handle, and whether its connection task has ended.
+    connection: std::sync::Mutex<Option<(SendRequest<Bytes>, Arc<AtomicBool>)>>,
+    /// Held while connecting, so concurrent calls after a restart open one connection.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// How large a message is sent without waiting for flow-control capacity: unary CRI calls
+/// fit, and then go out without waiting for the connection task to open their stream first.
+const SEND_WITHOUT_CAPACITY: usize = 64 << 10;
+
+impl Forwarder {
+    async fn forward(&self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
+        let (mut parts, body) = request.into_parts();
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(http::uri::Authority::from_static("upstream.nix-cri"));
+        uri.path_and_query = parts.uri.path_and_query().cloned();
+        parts.uri = Uri::from_parts(uri)?;
+        parts.version = http::Version::HTTP_2;
+        for name in CONNECTION_HEADERS {
+            parts.headers.remove(name);
+        }
+        let end_of_stream = body.is_end_stream();
+        let mut sender = self.sender().await?;
+        let (response, send_stream) =
+            sender.send_request(Request::from_parts(parts, ()), end_of_stream)?;
+        if !end_of_stream {
+            // Unary calls: the whole body is usually here already, and goes out now. Anything
+            // else (a client stream) is sent by a task of its own while the answer is awaited.
+            let mut pump = Box::pin(send_body(body, send_stream));
+            if futures_util::poll!(pump.as_mut()).is_pending() {
+                tokio::spawn(pump);
+            }
+        }
+        let response = response.await?;
+        Ok(response.map(|recv| {
+            grpc::boxed(RecvBody {
+                recv,
+                data_done: false,
+            })
+        }))
+    }
+
+    /// A ready handle on the open connection, connecting first when there is none.
+    async fn sender(&self) -> Result<SendRequest<Bytes>, BoxError> {
+        // A connection that failed since is replaced below.
+        if let Some(sender) = self.open_sender()
+            && let Ok(ready) = sender.ready().await
+        {
+            return Ok(ready);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(sender) = self.open_sender()
+            && let Ok(ready) = sender.ready().await
+        {
+            return Ok(ready);
+        }
+        let stream = UnixStream::connect(&*self.socket).await.map_err(|err| {
+            std::io::Error::new(err.kind(), format!("{}: {err}", self.socket.display()))
+        })?;
+        let (sender, connection) = h2::client::Builder::new()
+            // kubelet's own client settings: large windows, no artificial stream limit.
+            .initial_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let connection_closed = closed.clone();
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%err, "runtime connection ended");
+            }
+            connection_closed.store(true, Ordering::Release);
+        });
+        *self.slot() = Some((sender.clone(), closed));
+        Ok(sender.ready().await?)
+    }
+
+    fn open_sender(&self) -> Option<SendRequest<Bytes>> {
+        let slot = self.slot();
+        let (sender, closed) = slot.as_ref()?;
+        (!closed.load(Ordering::Acquire)).then(|| sender.clone())
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<(SendRequest<Bytes>, Arc<AtomicBool>)>> {
+        // The slot holds a handle and a flag: a panic elsewhere cannot leave it half-written.
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Hop-by-hop headers, which HTTP/2 forbids (RFC 9113 §8.2.2); `te: trailers` may stay.
+const CONNECTION_HEADERS: [http::header::HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::header::HeaderName::from_static("keep-alive"),
+    http::header::HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+/// Sends a request body's frames (data, then any trailers) on `stream`. Large chunks wait for
+/// flow-control capacity, so a slow runtime holds back the caller rather than filling memory.
+/// If the caller's body fails, the runtime's stream is reset.
+async fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {
+    loop {
+        let frame = match body.frame().await {
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) => {
+                tracing::debug!(%err, "request body failed; resetting the runtime's stream");
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                if data.len() > SEND_WITHOUT_CAPACITY {
+                    stream.reserve_capacity(data.len());
+                    match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    }
+                }
+                let end = body.is_end_stream();
+                if stream.send_data(data, end).is_err() || end {
+                    return;
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            let _ = stream.send_trailers(trailers);
+            return;
+        }
+    }
+}
+
+/// The runtime's response body as the proxy's: data frames (their flow-control capacity given
+/// back as they are passed on), then trailers.
+struct RecvBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl hyper::body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+                }
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => self.data_done = true,
+            }
+        }
+        match std::task::ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(err) => Poll::Ready(Some(Err(err))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
     }
 }
 

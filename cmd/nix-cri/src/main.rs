@@ -211,7 +211,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread for all async work, as linkerd2-proxy runs by default: forwarding a call
+    // then never wakes another thread, which on the benchmark machine took a third of the
+    // latency nix-cri adds. The CPU-heavy work of a pull (decompression, hashing, writing)
+    // runs on blocking threads, so pulls do not share that thread's core.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

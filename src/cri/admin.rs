@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tonic::Status;
 use tower::ServiceExt;
 
@@ -28,7 +27,20 @@ pub fn server(proxy: Arc<Proxy>) -> Server {
     AdminServer::new(AdminService { proxy })
 }
 
-pub async fn call(server: Server, request: Request<Incoming>) -> Response<Body> {
+/// Answers one admin call. Admin calls are unary and small, so the request is read whole
+/// first: tonic then gets a body with no error type to convert.
+pub async fn call(server: Server, request: Request<Body>) -> Response<Body> {
+    let (parts, body) = request.into_parts();
+    let body = match super::read_body(body).await {
+        Ok((body, _)) => body,
+        Err(err) => {
+            return grpc::status_response(
+                tonic::Code::InvalidArgument,
+                &format!("cannot read request: {err}"),
+            );
+        }
+    };
+    let request = Request::from_parts(parts, http_body_util::Full::new(body));
     match server.oneshot(request).await {
         Ok(response) => response.map(grpc::boxed),
         Err(never) => match never {},

@@ -1,11 +1,16 @@
-//! gRPC over hyper without decoding: bodies, unary responses, and statuses.
+//! gRPC over HTTP/2 without decoding: bodies (h2 streams as bodies, bodies onto h2 streams),
+//! unary responses, and statuses.
 
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use h2::SendStream;
 use http::{HeaderMap, HeaderValue, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Body as _;
 use hyper::body::Frame;
 use tonic::Code;
 
@@ -81,6 +86,103 @@ pub fn status_of(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<Co
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .map(Code::from_i32)
+}
+
+/// How large a message is sent without waiting for flow-control capacity: unary CRI calls
+/// fit, and then go out without waiting for the connection task to open their stream first.
+const SEND_WITHOUT_CAPACITY: usize = 64 << 10;
+
+/// Sends a body's frames (data, then any trailers) on an HTTP/2 stream, a request's to the
+/// runtime or a response's to kubelet. Large chunks wait for
+/// flow-control capacity, so a slow runtime holds back the caller rather than filling memory.
+/// If the body fails, the stream is reset; if the peer resets the stream, the body is dropped
+/// (which resets the stream it comes from, if any).
+pub async fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = body.frame() => next,
+            _ = std::future::poll_fn(|cx| stream.poll_reset(cx)) => return,
+        };
+        let frame = match next {
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) => {
+                tracing::debug!(%err, "body failed; resetting the stream");
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+        };
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                if data.len() > SEND_WITHOUT_CAPACITY {
+                    stream.reserve_capacity(data.len());
+                    match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    }
+                }
+                let end = body.is_end_stream();
+                if stream.send_data(data, end).is_err() || end {
+                    return;
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            let _ = stream.send_trailers(trailers);
+            return;
+        }
+    }
+}
+
+/// An HTTP/2 stream's incoming body as a body to pass on: data frames (their flow-control capacity given
+/// back as they are passed on), then trailers.
+pub struct RecvBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl hyper::body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+                }
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => self.data_done = true,
+            }
+        }
+        match std::task::ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(err) => Poll::Ready(Some(Err(err))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
+/// [`RecvBody`] boxed as the proxy's body type.
+pub fn recv_body(recv: h2::RecvStream) -> Body {
+    boxed(RecvBody {
+        recv,
+        data_done: false,
+    })
 }
 
 #[cfg(test)]

@@ -36,8 +36,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::Body as _;
 use tokio::net::UnixListener;
 use tracing::Instrument;
 
@@ -136,30 +135,78 @@ impl Proxy {
             };
             let proxy = self.clone();
             let admin = admin.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let proxy = proxy.clone();
-                    let admin = admin.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, admin).await) }
-                });
-                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                builder
-                    .max_frame_size(1 << 20)
-                    .initial_stream_window_size(4 << 20)
-                    .initial_connection_window_size(16 << 20);
-                if let Err(err) = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(%err, "connection ended");
+            tokio::spawn(proxy.serve_connection(stream, admin));
+        }
+    }
+
+    /// Serves one client connection (kubelet keeps one), each call on a task of its own.
+    ///
+    /// HTTP/2 through the h2 crate directly, as the forwarding client does: hyper's server
+    /// would add its own task machinery and a `date` header to every answer.
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: tokio::net::UnixStream,
+        admin: admin::Server,
+    ) {
+        let handshake = h2::server::Builder::new()
+            .max_frame_size(1 << 20)
+            .initial_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            // hyper's server default, which nix-cri had before.
+            .max_concurrent_streams(200)
+            .handshake::<_, Bytes>(stream);
+        let mut connection = match handshake.await {
+            Ok(connection) => connection,
+            Err(err) => {
+                tracing::debug!(%err, "connection ended in its handshake");
+                return;
+            }
+        };
+        // Accepting also drives the connection: it must go on while calls are answered.
+        while let Some(accepted) = connection.accept().await {
+            match accepted {
+                Ok((request, respond)) => {
+                    tokio::spawn(self.clone().answer(request, respond, admin.clone()));
                 }
-            });
+                Err(err) => {
+                    tracing::debug!(%err, "connection ended");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers one call. If the caller resets its stream first, the call is dropped, and with
+    /// it any call forwarded to the runtime (which sees its stream reset in turn).
+    async fn answer(
+        self: Arc<Self>,
+        request: Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        admin: admin::Server,
+    ) {
+        let request = request.map(grpc::recv_body);
+        // Boxed: rustc cannot prove the call's future Send in the spawned task otherwise
+        // (rust-lang/rust#64552, borrowed `&str`s held across awaits).
+        let response = tokio::select! {
+            biased;
+            response = self.handle(request, admin).boxed() => response,
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+        };
+        let (parts, body) = response.into_parts();
+        let end_of_stream = body.is_end_stream();
+        match respond.send_response(Response::from_parts(parts, ()), end_of_stream) {
+            Ok(stream) => {
+                if !end_of_stream {
+                    grpc::send_body(body, stream).await;
+                }
+            }
+            Err(err) => tracing::debug!(%err, "cannot answer"),
         }
     }
 
     async fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<Body>,
         admin: admin::Server,
     ) -> Response<Body> {
         let path = request.uri().path().to_owned();
@@ -186,7 +233,7 @@ impl Proxy {
             .instrument(span)
             .await
         } else {
-            self.upstream.forward(request.map(grpc::boxed)).await
+            self.upstream.forward(request).await
         };
         observe(label, started, response)
     }
@@ -195,7 +242,7 @@ impl Proxy {
     /// forwards a patched copy.
     async fn intercept(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        request: Request<Body>,
         handler: Handler,
     ) -> Response<Body> {
         let (parts, body) = request.into_parts();
@@ -384,7 +431,7 @@ fn observe(method: &str, started: std::time::Instant, response: Response<Body>) 
     }
     let method = method.to_owned();
     response.map(|body| {
-        grpc::boxed(body.map_frame(move |frame| {
+        body.map_frame(move |frame| {
             if let Some(code) = frame.trailers_ref().and_then(|t| grpc::status_of(t, None)) {
                 crate::metrics::global()
                     .cri_requests
@@ -392,20 +439,17 @@ fn observe(method: &str, started: std::time::Instant, response: Response<Body>) 
                     .inc();
             }
             frame
-        }))
+        })
+        .boxed_unsync()
     })
 }
 
 /// Reads a unary body whole (at most the CRI's message size) with its trailers.
-async fn read_body<B>(mut body: B) -> Result<(Bytes, Option<http::HeaderMap>), grpc::BoxError>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<grpc::BoxError>,
-{
+async fn read_body(mut body: Body) -> Result<(Bytes, Option<http::HeaderMap>), grpc::BoxError> {
     let mut data = bytes::BytesMut::new();
     let mut trailers = None;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(Into::into)?;
+        let frame = frame?;
         match frame.into_data() {
             Ok(chunk) => {
                 if data.len() + chunk.len() > upstream::MAX_MESSAGE_SIZE + 5 {
@@ -440,7 +484,7 @@ fn rebuild(
         frames.push(Ok(hyper::body::Frame::trailers(trailers)));
     }
     let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-    Response::from_parts(parts, grpc::boxed(body))
+    Response::from_parts(parts, body.boxed_unsync())
 }
 
 /// Binds the proxy's socket: any stale socket file is replaced, and the socket gets mode

@@ -18,10 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use h2::SendStream;
 use h2::client::SendRequest;
 use http::{Request, Response, Uri};
-use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
@@ -77,10 +75,20 @@ impl Upstream {
 
     /// Sends `request` to the runtime as it is and returns the runtime's response as it is.
     /// If the runtime cannot be reached, the answer is UNAVAILABLE naming its socket.
-    pub async fn forward(&self, request: Request<Body>) -> Response<Body> {
-        match self.forwarder.forward(request).await {
-            Ok(response) => response,
-            Err(err) => grpc::status_response(Code::Unavailable, &self.unavailable_message(&*err)),
+    pub fn forward(
+        &self,
+        request: Request<Body>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static {
+        // Owns what it uses: a future that borrowed `self` across its awaits trips rustc's
+        // check that the calls' tasks are Send (rust-lang/rust#64552).
+        let this = self.clone();
+        async move {
+            match this.forwarder.forward(request).await {
+                Ok(response) => response,
+                Err(err) => {
+                    grpc::status_response(Code::Unavailable, &this.unavailable_message(&*err))
+                }
+            }
         }
     }
 
@@ -109,10 +117,6 @@ struct Forwarder {
     connecting: tokio::sync::Mutex<()>,
 }
 
-/// How large a message is sent without waiting for flow-control capacity: unary CRI calls
-/// fit, and then go out without waiting for the connection task to open their stream first.
-const SEND_WITHOUT_CAPACITY: usize = 64 << 10;
-
 impl Forwarder {
     async fn forward(&self, request: Request<Body>) -> Result<Response<Body>, BoxError> {
         let (mut parts, body) = request.into_parts();
@@ -132,18 +136,13 @@ impl Forwarder {
         if !end_of_stream {
             // Unary calls: the whole body is usually here already, and goes out now. Anything
             // else (a client stream) is sent by a task of its own while the answer is awaited.
-            let mut pump = Box::pin(send_body(body, send_stream));
+            let mut pump = Box::pin(grpc::send_body(body, send_stream));
             if futures_util::poll!(pump.as_mut()).is_pending() {
                 tokio::spawn(pump);
             }
         }
         let response = response.await?;
-        Ok(response.map(|recv| {
-            grpc::boxed(RecvBody {
-                recv,
-                data_done: false,
-            })
-        }))
+        Ok(response.map(grpc::recv_body))
     }
 
     /// A ready handle on the open connection, connecting first when there is none.
@@ -204,84 +203,6 @@ const CONNECTION_HEADERS: [http::header::HeaderName; 5] = [
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
 ];
-
-/// Sends a request body's frames (data, then any trailers) on `stream`. Large chunks wait for
-/// flow-control capacity, so a slow runtime holds back the caller rather than filling memory.
-/// If the caller's body fails, the runtime's stream is reset.
-async fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {
-    loop {
-        let frame = match body.frame().await {
-            None => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
-            }
-            Some(Ok(frame)) => frame,
-            Some(Err(err)) => {
-                tracing::debug!(%err, "request body failed; resetting the runtime's stream");
-                stream.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-        };
-        let frame = match frame.into_data() {
-            Ok(data) => {
-                if data.len() > SEND_WITHOUT_CAPACITY {
-                    stream.reserve_capacity(data.len());
-                    match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-                        Some(Ok(_)) => {}
-                        _ => return,
-                    }
-                }
-                let end = body.is_end_stream();
-                if stream.send_data(data, end).is_err() || end {
-                    return;
-                }
-                continue;
-            }
-            Err(frame) => frame,
-        };
-        if let Ok(trailers) = frame.into_trailers() {
-            let _ = stream.send_trailers(trailers);
-            return;
-        }
-    }
-}
-
-/// The runtime's response body as the proxy's: data frames (their flow-control capacity given
-/// back as they are passed on), then trailers.
-struct RecvBody {
-    recv: h2::RecvStream,
-    data_done: bool,
-}
-
-impl hyper::body::Body for RecvBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, h2::Error>>> {
-        if !self.data_done {
-            match std::task::ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
-                }
-                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
-                None => self.data_done = true,
-            }
-        }
-        match std::task::ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(err) => Poll::Ready(Some(Err(err))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-}
 
 /// Connects to a unix socket whatever the URI says.
 #[derive(Clone)]

@@ -424,24 +424,35 @@ def notes(rep, goals):
       "creates files in their store form (mode 0444/0555 and mtime 1 set through the open file, "
       "symlinks' mtime at creation), so canonicalising walks directories only. That removes three "
       "path lookups (lstat, chmod, utimensat) per file: about a quarter of the kernel time of "
-      "a cold pull of the 32,000-file `big` closure.\n")
+      "a cold pull of the 32,000-file `big` closure.")
+    w("- `src/store/views.rs`, `src/cri/runtime.rs`: a container gets its whole closure in one "
+      "read-only bind mount of the image's closure view (hard links into the store, built at "
+      "PullImage) instead of one bind mount per path.")
+    w("- `src/cri/mod.rs`, `src/cri/upstream.rs`, `cmd/nix-cri/src/main.rs`: the proxy speaks "
+      "HTTP/2 through the h2 crate on both sides instead of hyper's server and client (no "
+      "dispatch task, channel or callback per call), runs its async work on one thread (no "
+      "cross-thread wake-ups; pulls decode on blocking threads), and makes a tracing span only "
+      "for the calls it handles. Before: +198 µs at p50 and 55% of direct throughput at 64 "
+      "callers (run of 2026-12-01 22:06 UTC).\n")
     f = r.get("forwarding")
     if f:
         d1, n1 = f["points"]["1"]["direct"], f["points"]["1"]["nix-cri"]
         added = median([b["p50_us"] - a["p50_us"] for a, b in zip(d1, n1)])
         w(f"**Forwarding.** A forwarded call crosses two more HTTP/2 connections (kubelet's to nix-cri, "
-          f"nix-cri's to containerd) and several task hand-offs inside nix-cri; a perf profile of nix-cri "
-          f"in this scenario shows no hot spot of its own (h2 framing, HPACK, tokio scheduling and "
-          f"the kernel's unix-socket wake-ups, each a few percent). Measured here: {added:+.0f} µs at "
-          f"p50 for one caller.")
+          f"nix-cri's to containerd): nix-cri decodes and encodes every call's headers and frames "
+          f"twice and the kernel wakes it twice. A perf profile of nix-cri in this scenario shows "
+          f"no hot spot of its own: h2's framing, HPACK and stream bookkeeping, the unix-socket "
+          f"system calls and malloc, each a few percent. Measured here: {added:+.0f} µs at p50 "
+          f"for one caller.")
         if missed & {"forwarding adds ≤ 100 µs at p50 (1 caller)",
                      "forwarding keeps ≥ 80% of direct throughput at 64 callers"}:
-            w("On two cores shared with containerd and the load generator, each extra wake-up "
-              "costs tens of microseconds, and at 64 callers nix-cri's CPU competes with "
-              "containerd's for the same two cores. What would close the gap is fewer hand-offs "
-              "per call (a runtime that polls the downstream and upstream connections on one "
-              "thread, or splicing HTTP/2 frames without a task per stream): not a small change, "
-              "so it is left open.")
+            w("At 64 callers the two cores are saturated by the load generator, containerd and "
+              "nix-cri together, so throughput is set by CPU per call: nix-cri's share per "
+              "forwarded call is close to containerd's own for `Version`. Closing the rest of the "
+              "gap means not re-encoding calls at all: relaying HTTP/2 frames between kubelet's "
+              "connection and the runtime's (HPACK state kept in step, flow-control windows "
+              "translated) and decoding only the calls nix-cri changes. That is a protocol-level "
+              "component of its own, so it is left open.")
     cs = r.get("create_start")
     if cs:
         ms = cs["ms"]
@@ -459,117 +470,6 @@ def notes(rep, goals):
             w("The goal is missed even so: see the table above for where the time goes.")
     rs = r.get("rss")
     if rs:
-        for k, v in rs.items():
-            t = v.get("trace") or []
-            if t:
-                ax.plot([p[0] for p in t], [p[1] / 1024 for p in t],
-                        label=f"{v['closure']} from {v['cache']} ({v['pulled_nar_bytes'] / 1e6:.0f} MB NAR)")
-        ax.axhline(200, color="red", ls=":", label="goal while pulling (200 MB)")
-        ax.axhline(50, color="orange", ls=":", label="goal idle (50 MB)")
-        ax.set_xlabel("seconds into PullImage")
-        ax.set_ylabel("VmRSS of nix-cri serve (MB)")
-        ax.set_title("memory while pulling")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    return True
-
-
-def notes(rep, goals):
-    """The analysis: why each result is what it is, what was changed, what remains. The
-    numbers in it come from this run; the explanations were checked on this machine (see the
-    notes on each)."""
-    r = rep.r
-    missed = {g for g, _, ok, _ in goals if ok is False}
-
-    def w(text=""):
-        # One paragraph or list item per call.
-        rep.w(text.rstrip("\n") + "\n")
-    w("## What the numbers say, and what remains\n")
-    c = r.get("cold_pull")
-    if c:
-        s = c["seconds"]
-        w("**Cold pull.** The closure is a chain: every path refers to the one below it. Nix 2.8's "
-          "`nix copy` adds a path only after its references, one path at a time, so it decompresses "
-          "the whole chain on one core. nix-cri downloads, decompresses, hashes and unpacks every "
-          "missing path at once (up to 16 NARs in flight, each on a blocking thread) and only the "
-          "commit (rename, register) follows the chain. On this 2-core VM, parallelism alone is worth "
-          "up to about 2× for a decoder-bound pull; the rest of the gap is Nix's own per-path and "
-          "per-file overhead, which this benchmark does not break down. The ratios need both cores "
-          "free: a machine busy elsewhere takes from nix-cri's parallelism, not from Nix's serial "
-          "pull.")
-        if "cold pull ≥ 2× faster than Nix 2.8 (xz)" in missed:
-            w("The xz goal is missed on this machine: with two cores, nix-cri's xz pull can only "
-              "approach twice Nix's serial speed when nothing else runs; on a machine with more "
-              "cores than concurrent NARs of similar size the gap widens (nix-cri's time falls "
-              "towards the largest single NAR's decode time, Nix's does not).")
-        fl = {k: paired(s[f"{k}/nix-cri"], s[f"{k}/floor"]) for k in ("xz", "zstd")
-              if s.get(f"{k}/nix-cri") and s.get(f"{k}/floor")}
-        if "cold pull ≥ 1.3× faster than Nix 2.8 (zstd)" in missed:
-            w("With zstd, decoding is cheap: both tools spend much of their time creating files, "
-              "hashing and, for nix-cri, serving the cache from the same two cores, so nix-cri's "
-              "parallel unpacking buys less than with xz.")
-        w("The floor is decoding and hashing alone, with the standard tools: `xz -dc` or `zstd -dc` "
-          "piped into `openssl dgst -sha256` (SHA-NI), one pair per NAR, largest NARs first, as many "
-          "pairs at once as there are cores; no network, no files written. nix-cri's extra cost over "
-          "it is HTTP over loopback (the cache server runs in the benchmark process on the same two "
-          "cores), creating every file of the closure and registering the paths: "
-          + ", ".join(f"{v:.2f}× the floor with {k}" for k, v in fl.items()) + ". Below 1× means "
-          "nix-cri, doing more, finished before the floor's separate decoder and hasher processes "
-          "and the pipes between them.")
-        w("containerd 1.6 pulls at most 3 layers at once, decompresses each gzip stream on one core "
-          "and applies the layers to overlayfs snapshots one after another, in order; gzip itself "
-          "decodes faster than xz but slower than zstd.\n")
-    w("**Changes made for these numbers** (all in the library, `cargo test` green):\n")
-    w("- `src/cri/images.rs`: a PullImage of a `nix:` image whose root image the runtime already "
-      "has asks the runtime with ImageStatus instead of pulling the root image again. containerd "
-      "1.6 resolves every PullImage through the registry, even of an image it has (the "
-      "*containerd direct* row of the warm-pull table); a warm pull paid that on top of its own "
-      "work.")
-    w("- `src/nix/store_path.rs`: `StorePath` ordering compares digests directly (nixbase32 "
-      "preserves the order of the reversed digest bytes) instead of encoding both hashes on "
-      "every comparison; sorting a 1000-path closure took a third of a warm pull's CPU. With one "
-      "core taken by a fuzzer, the warm pull's p50 went from 10.6 ms to 4.9 ms with this change.")
-    w("- `src/nix/nar/sink.rs`, `src/store/fs.rs`, `src/store/substitute.rs`: the unpacker "
-      "creates files in their store form (mode 0444/0555 and mtime 1 set through the open file, "
-      "symlinks' mtime at creation), so canonicalising walks directories only. That removes three "
-      "path lookups (lstat, chmod, utimensat) per file: about a quarter of the kernel time of "
-      "a cold pull of the 32,000-file `big` closure.\n")
-    f = r.get("forwarding")
-    if f:
-        d1, n1 = f["points"]["1"]["direct"], f["points"]["1"]["nix-cri"]
-        added = median([b["p50_us"] - a["p50_us"] for a, b in zip(d1, n1)])
-        w(f"**Forwarding.** A forwarded call crosses two more HTTP/2 connections (kubelet's to nix-cri, "
-          f"nix-cri's to containerd) and several task hand-offs inside nix-cri; a perf profile of nix-cri "
-          f"in this scenario shows no hot spot of its own (h2 framing, HPACK, tokio scheduling and "
-          f"the kernel's unix-socket wake-ups, each a few percent). Measured here: {added:+.0f} µs at "
-          f"p50 for one caller.")
-        if missed & {"forwarding adds ≤ 100 µs at p50 (1 caller)",
-                     "forwarding keeps ≥ 80% of direct throughput at 64 callers"}:
-            w("On two cores shared with containerd and the load generator, each extra wake-up "
-              "costs tens of microseconds, and at 64 callers nix-cri's CPU competes with "
-              "containerd's for the same two cores. What would close the gap is fewer hand-offs "
-              "per call (a runtime that polls the downstream and upstream connections on one "
-              "thread, or splicing HTTP/2 frames without a task per stream): not a small change, "
-              "so it is left open.")
-    cs = r.get("create_start")
-    if cs:
-        ms = cs["ms"]
-        a, b = median(ms.get("nix: image, 500 paths", [])), median(ms.get("ordinary image", []))
-        ca, cb = median(cs["create_ms"].get("nix: image, 500 paths", [])), median(cs["create_ms"].get("ordinary image", []))
-        per = (a - b) / max(1, int(cs["paths"])) * 1000
-        w(f"**CreateContainer + StartContainer.** The `nix:` container carries {cs['paths']} read-only "
-          f"bind mounts, one per closure path. CreateContainer costs {ca - cb:+.1f} ms over the "
-          f"ordinary image (nix-cri's rewrite and containerd storing the longer spec); the rest is "
-          f"StartContainer, where runc sets up every read-only bind mount and creates its mount "
-          f"point in the container's root: about {per:.0f} µs per path here.")
-        if "create + start with a 500-path closure ≤ 1.5× an ordinary image" in missed:
-            w("nix-cri cannot make runc's per-mount work cheaper; meeting the goal needs fewer "
-              "mounts per container, for example one read-only bind of a per-image directory that "
-              "holds the closure (hard links made at pull time) or a single read-only overlay of "
-              "the closure's paths. That changes how images are assembled, so it is left open.")
-    rs = r.get("rss")
-    if rs:
         w("**Memory.** nix-cri never holds a NAR in memory: each NAR streams download → decoder → "
           "parser → files with fixed buffers. The peak is the 16 concurrent NAR pipelines: xz "
           "decoders need an 8 MiB dictionary each, zstd ones less, plus 256 KiB copy buffers and "
@@ -582,9 +482,12 @@ def notes(rep, goals):
               "decoders (two per core keep every core busy) would bound it; left open, since `jobs` "
               "is a user-facing setting.")
         w("After a pull, RSS stays well above the idle figure (the *idle after* column), most "
-          "likely glibc keeping the freed decoder buffers in its per-thread malloc arenas; not "
-          "investigated further. Returning it (malloc_trim after a pull, or fewer arenas) is left "
-          "open.")
+          "likely glibc keeping the freed decoder buffers in its malloc arenas. Tried and not "
+          "kept: jemalloc as the global allocator (tikv-jemallocator), with which the xz pull "
+          "peaked at 219 MB and RSS three seconds after it was still 211 MB. Running the async "
+          "work on one thread lowered the xz peak (185–191 MB against 206–214 MB with two "
+          "threads, same session). Returning the rest (malloc_trim after a pull, which needs "
+          "unsafe code the library forbids, or fewer arenas) is left open.")
 
 
 NOTES_HEADER = "## What the numbers say, and what remains\n"

@@ -163,16 +163,20 @@ impl Proxy {
         // cannot remove the image's paths in between (RemoveImage racing CreateContainer).
         let store = self.store.clone();
         let top = found.top.clone();
-        let (gc_lock, closure, view) = tokio::task::spawn_blocking(move || {
+        let (gc_lock, mounts) = tokio::task::spawn_blocking(move || {
             let lock = store.lock_gc_shared()?;
+            if let Some(view) = store.existing_view(&top) {
+                return Ok::<_, CriError>((lock, ClosureMounts::View(view)));
+            }
             let closure = store.closure(std::slice::from_ref(&top))?;
-            let view = store
-                .ensure_view(&top, &closure)
-                .inspect_err(|err| {
+            let mounts = match store.ensure_view(&top, &closure) {
+                Ok(view) => ClosureMounts::View(view),
+                Err(err) => {
                     tracing::warn!(%top, %err, "no closure view; mounting path by path");
-                })
-                .ok();
-            Ok::<_, CriError>((lock, closure, view))
+                    ClosureMounts::Paths(closure)
+                }
+            };
+            Ok((lock, mounts))
         })
         .await
         .map_err(|e| CriError::Internal(e.to_string()))??;
@@ -189,18 +193,19 @@ impl Proxy {
             };
             wire::put_len_field(&mut config_patch, 7, &mount.encode_to_vec());
         };
-        if let Some(view) = &view {
-            put_mount(STORE_DIR.to_owned(), view);
-        } else {
+        match &mounts {
+            ClosureMounts::View(view) => put_mount(STORE_DIR.to_owned(), view),
             // Without a view, one mount per path. Paths that are symlinks are in the root
             // image already: a runtime resolves a bind mount's host path, which would follow
             // the link into the host's own /nix/store.
-            for path in &closure {
-                let real = self.store.real_path(path);
-                if std::fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_symlink()) {
-                    continue;
+            ClosureMounts::Paths(closure) => {
+                for path in closure {
+                    let real = self.store.real_path(path);
+                    if std::fs::symlink_metadata(&real).is_ok_and(|m| m.file_type().is_symlink()) {
+                        continue;
+                    }
+                    put_mount(format!("{STORE_DIR}/{}", path.base_name()), &real);
                 }
-                put_mount(format!("{STORE_DIR}/{}", path.base_name()), &real);
             }
         }
         let patched = wire::rewrite(
@@ -348,4 +353,12 @@ impl Proxy {
         .await
         .map_err(|e| CriError::Internal(e.to_string()))?
     }
+}
+
+/// How a container gets its image's closure.
+enum ClosureMounts {
+    /// One read-only bind mount of the closure's view at /nix/store.
+    View(std::path::PathBuf),
+    /// One read-only bind mount per path, when no view can be built.
+    Paths(std::collections::BTreeSet<crate::nix::StorePath>),
 }

@@ -18,12 +18,17 @@
 //! container has mounted stays until the container is removed.
 
 use std::collections::BTreeSet;
+use std::ffi::{CStr, CString};
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use filetime::FileTime;
+use rustix::fs::{
+    AtFlags, CWD, Dir, FileType, Mode, OFlags, Timespec, Timestamps, fchmod, futimens, linkat,
+    mkdirat, openat, readlinkat, statat, symlinkat, utimensat,
+};
 
 use crate::nix::StorePath;
 use crate::nix::nar::STORE_MTIME;
@@ -44,8 +49,20 @@ impl Store {
         self.views_dir().join(top.base_name())
     }
 
+    /// The view of `top`'s closure, if it is built.
+    pub fn existing_view(&self, top: &StorePath) -> Option<PathBuf> {
+        let view = self.view_path(top);
+        fs::symlink_metadata(&view)
+            .is_ok_and(|m| m.is_dir())
+            .then_some(view)
+    }
+
     /// The view of `top`'s closure (which must be valid and rooted), built when missing.
+    /// A view that exists is returned at once: a warm PullImage should not read the closure.
     pub fn build_view(&self, top: &StorePath) -> Result<PathBuf, StoreError> {
+        if let Some(view) = self.existing_view(top) {
+            return Ok(view);
+        }
         let _gc = self.lock_gc_shared()?;
         let closure = self.closure(std::slice::from_ref(top))?;
         self.ensure_view(top, &closure)
@@ -59,10 +76,10 @@ impl Store {
         top: &StorePath,
         closure: &BTreeSet<StorePath>,
     ) -> Result<PathBuf, StoreError> {
-        let view = self.view_path(top);
-        if fs::symlink_metadata(&view).is_ok_and(|m| m.is_dir()) {
+        if let Some(view) = self.existing_view(top) {
             return Ok(view);
         }
+        let view = self.view_path(top);
         let views = self.views_dir();
         fs::create_dir_all(&views).map_err(io_err(&views))?;
         let n = self.temp_counter.fetch_add(1, Ordering::Relaxed);
@@ -73,11 +90,7 @@ impl Store {
         ));
         let built = (|| {
             fs::create_dir(&temp).map_err(io_err(&temp))?;
-            for path in closure {
-                let from = self.real_path(path);
-                mirror(&from, &temp.join(path.base_name())).map_err(io_err(&from))?;
-            }
-            super::fs::canonicalise_dirs(&temp).map_err(io_err(&temp))?;
+            mirror_closure(&self.store_dir, closure, &temp)?;
             fs::rename(&temp, &view).map_err(io_err(&view))
         })();
         match built {
@@ -140,32 +153,131 @@ impl Store {
     }
 }
 
-/// Recreates the tree at `from` at `to`: directories anew, files as hard links, symlinks with
-/// the same target. Directories stay writable until
-/// [`super::fs::canonicalise_dirs`] seals the whole view.
-fn mirror(from: &Path, to: &Path) -> io::Result<()> {
-    let file_type = fs::symlink_metadata(from)?.file_type();
-    if file_type.is_dir() {
-        fs::create_dir(to)?;
-        for entry in fs::read_dir(from)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            mirror(&from.join(&name), &to.join(&name))?;
+/// Mtime 1 (the store's), access time left as it is.
+const STORE_TIMES: Timestamps = Timestamps {
+    last_access: Timespec {
+        tv_sec: 0,
+        tv_nsec: rustix::fs::UTIME_OMIT,
+    },
+    last_modification: Timespec {
+        tv_sec: STORE_MTIME,
+        tv_nsec: 0,
+    },
+};
+
+/// Mirrors every path of `closure` from `store_dir` into the empty directory `view`, then
+/// gives `view` the store's form. The paths are shared out among a few threads: a view of a
+/// large closure is tens of thousands of links, and PullImage waits for it.
+fn mirror_closure(
+    store_dir: &Path,
+    closure: &BTreeSet<StorePath>,
+    view: &Path,
+) -> Result<(), StoreError> {
+    let open = |dir: &Path| open_dir(CWD, dir).map_err(io_err(dir));
+    let from = open(store_dir)?;
+    let to = open(view)?;
+    let paths: Vec<&StorePath> = closure.iter().collect();
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(paths.len().max(1));
+    let mirror_some = || -> Result<(), StoreError> {
+        loop {
+            let Some(path) = paths.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return Ok(());
+            };
+            let name = path.base_name();
+            CString::new(name.as_str())
+                .map_err(io::Error::other)
+                .and_then(|c_name| {
+                    let stat = statat(&from, c_name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+                    let kind = FileType::from_raw_mode(stat.st_mode);
+                    mirror_entry(from.as_fd(), to.as_fd(), &c_name, kind)
+                })
+                .map_err(io_err(&store_dir.join(&name)))?;
         }
-        Ok(())
-    } else if file_type.is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
-        filetime::set_symlink_file_times(
-            to,
-            FileTime::from_unix_time(STORE_MTIME, 0),
-            FileTime::from_unix_time(STORE_MTIME, 0),
-        )
-    } else if file_type.is_file() {
-        fs::hard_link(from, to)
-    } else {
-        Err(io::Error::new(
+    };
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(mirror_some)).collect();
+        let mut result = mirror_some();
+        for helper in helpers {
+            let joined = helper.join().unwrap_or_else(|_| {
+                Err(io_err(view)(io::Error::other(
+                    "a view-building thread panicked",
+                )))
+            });
+            result = result.and(joined);
+        }
+        result
+    })?;
+    seal(&to).map_err(io_err(view))
+}
+
+/// Recreates the entry `name` of the directory `from` in the directory `to`: a directory
+/// anew (its entries likewise, then sealed in store form), a file as a hard link, a symlink
+/// with the same target. All through directory descriptors, so no path is resolved twice.
+fn mirror_entry(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    name: &CStr,
+    kind: FileType,
+) -> io::Result<()> {
+    match kind {
+        FileType::RegularFile => Ok(linkat(from, name, to, name, AtFlags::empty())?),
+        FileType::Symlink => {
+            let target = readlinkat(from, name, Vec::new())?;
+            symlinkat(target.as_c_str(), to, name)?;
+            Ok(utimensat(
+                to,
+                name,
+                &STORE_TIMES,
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?)
+        }
+        FileType::Directory => {
+            mkdirat(to, name, Mode::from_raw_mode(0o755))?;
+            let from_dir = open_dir(from, name)?;
+            let to_dir = open_dir(to, name)?;
+            for entry in Dir::read_from(&from_dir)? {
+                let entry = entry?;
+                // Store file names are any bytes but `/` and NUL: kept as the C string they are.
+                let child = entry.file_name();
+                if matches!(child.to_bytes(), b"." | b"..") {
+                    continue;
+                }
+                let mut kind = entry.file_type();
+                if kind == FileType::Unknown {
+                    // File systems that do not report types in listings.
+                    kind = FileType::from_raw_mode(
+                        statat(&from_dir, child, AtFlags::SYMLINK_NOFOLLOW)?.st_mode,
+                    );
+                }
+                mirror_entry(from_dir.as_fd(), to_dir.as_fd(), child, kind).map_err(|err| {
+                    let child = child.to_string_lossy();
+                    io::Error::new(err.kind(), format!("{child}: {err}"))
+                })?;
+            }
+            seal(&to_dir)
+        }
+        _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "neither file, directory nor symlink",
-        ))
+        )),
     }
+}
+
+/// A directory in store form: mode 0555, mtime 1.
+fn seal(dir: &OwnedFd) -> io::Result<()> {
+    fchmod(dir, Mode::from_raw_mode(0o555))?;
+    Ok(futimens(dir, &STORE_TIMES)?)
+}
+
+fn open_dir<P: rustix::path::Arg>(at: impl AsFd, path: P) -> io::Result<OwnedFd> {
+    Ok(openat(
+        at,
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }

@@ -81,30 +81,36 @@ impl Upstream {
     ) -> impl Future<Output = Response<Body>> + Send + 'static {
         // Owns what it uses: a future that borrowed `self` across its awaits trips rustc's
         // check that the calls' tasks are Send (rust-lang/rust#64552).
-        let this = self.clone();
+        let forwarder = self.forwarder.clone();
         async move {
-            match this.forwarder.forward(request).await {
+            match forwarder.forward(request).await {
                 Ok(response) => response,
-                Err(err) => {
-                    grpc::status_response(Code::Unavailable, &this.unavailable_message(&*err))
-                }
+                Err(err) => grpc::status_response(
+                    Code::Unavailable,
+                    &unavailable_message(&forwarder.socket, &*err),
+                ),
             }
         }
     }
 
     pub fn unavailable_message(&self, err: &dyn std::error::Error) -> String {
-        let mut message = format!(
-            "upstream runtime at {} is unavailable: {err}",
-            self.socket.display()
-        );
-        let mut source = err.source();
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        message
+        unavailable_message(&self.socket, err)
     }
+}
+
+/// UNAVAILABLE's message: the socket, the error and its causes.
+fn unavailable_message(socket: &Path, err: &dyn std::error::Error) -> String {
+    let mut message = format!(
+        "upstream runtime at {} is unavailable: {err}",
+        socket.display()
+    );
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 /// The forwarding connection to the runtime: one HTTP/2 connection, as kubelet keeps one,

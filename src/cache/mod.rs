@@ -35,7 +35,7 @@ pub enum CacheError {
     InvalidUrl { url: String, why: String },
     #[error("cannot set up TLS: {0}")]
     Tls(String),
-    #[error("cannot reach {url}: {}", error_chain(.source))]
+    #[error("cannot reach {url}: {}", crate::error_chain(.source))]
     Connect {
         url: String,
         #[source]
@@ -100,18 +100,6 @@ impl CacheError {
             _ => false,
         }
     }
-}
-
-/// hyper's connect errors hide their cause (refused, timed out, TLS) one level down.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// Why a narinfo could not be had from one substituter.

@@ -100,17 +100,11 @@ impl Upstream {
 
 /// UNAVAILABLE's message: the socket, the error and its causes.
 fn unavailable_message(socket: &Path, err: &dyn std::error::Error) -> String {
-    let mut message = format!(
-        "upstream runtime at {} is unavailable: {err}",
-        socket.display()
-    );
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
+    format!(
+        "upstream runtime at {} is unavailable: {}",
+        socket.display(),
+        crate::error_chain(err)
+    )
 }
 
 /// The forwarding connection to the runtime: one HTTP/2 connection, as kubelet keeps one,

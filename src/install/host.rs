@@ -186,7 +186,7 @@ impl CriProbe for CriVersionProbe {
                 .connect_timeout(step)
                 .connect_with_connector(crate::cri::upstream::UnixConnector::new(socket))
                 .await
-                .map_err(|e| error_chain(&e))?;
+                .map_err(|e| crate::error_chain(&e))?;
             let mut client = RuntimeServiceClient::new(channel);
             let response = tokio::time::timeout(
                 step,
@@ -204,20 +204,6 @@ impl CriProbe for CriVersionProbe {
             ))
         })
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
 }
 
 /// The labeler outside a cluster: logs and does nothing.

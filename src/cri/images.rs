@@ -247,14 +247,23 @@ impl Proxy {
             Ok(response) => response,
             Err(response) => return Ok(response),
         };
-        let nix_images = self.nix_images()?;
-        let ids: HashSet<&str> = nix_images.iter().map(|i| i.id.as_str()).collect();
-        let mut append = bytes::BytesMut::new();
-        for image in &nix_images {
-            if filter.is_empty() || normalise_id(&filter) == image.id {
-                wire::put_len_field(&mut append, 1, &self.image_message(image)?.encode_to_vec());
+        // Every nix image's closure size and spec, read from the store: on a blocking thread,
+        // as the proxy's one async thread keeps forwarding other calls meanwhile.
+        let proxy = self.clone();
+        let (ids, append) = tokio::task::spawn_blocking(move || {
+            let nix_images = proxy.nix_images()?;
+            let mut append = bytes::BytesMut::new();
+            for image in &nix_images {
+                if filter.is_empty() || normalise_id(&filter) == image.id {
+                    let message = proxy.image_message(image)?.encode_to_vec();
+                    wire::put_len_field(&mut append, 1, &message);
+                }
             }
-        }
+            let ids: HashSet<String> = nix_images.into_iter().map(|i| i.id).collect();
+            Ok::<_, CriError>((ids, append))
+        })
+        .await
+        .map_err(|e| CriError::Internal(e.to_string()))??;
         let patched = wire::rewrite(
             response.message()?,
             |field| {

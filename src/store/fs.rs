@@ -102,33 +102,69 @@ fn make_writable(dir: &Path) -> io::Result<()> {
 
 /// Disk bytes a tree occupies (allocated blocks), for GC reports.
 pub fn disk_usage(path: &Path) -> u64 {
-    disk_usage_and_inodes(path).0
+    disk_usage_and_inodes(&[path]).0
 }
 
-/// Disk bytes (allocated blocks) and inodes of a tree. Hard links count once per link: the
-/// store does not make them.
-pub fn disk_usage_and_inodes(path: &Path) -> (u64, u64) {
+/// Disk bytes (allocated blocks) and inodes of the trees at `paths`. A file with several
+/// links (closure views link the store's files; Nix's optimiser links identical ones) counts
+/// once, however many of its links the trees hold.
+pub fn disk_usage_and_inodes(paths: &[&Path]) -> (u64, u64) {
+    let mut linked = std::collections::HashSet::new();
+    let mut total = (0, 0);
+    for path in paths {
+        add_usage(path, &mut linked, &mut total);
+    }
+    total
+}
+
+fn add_usage(
+    path: &Path,
+    linked: &mut std::collections::HashSet<(u64, u64)>,
+    total: &mut (u64, u64),
+) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = fs::symlink_metadata(path) else {
-        return (0, 0);
+        return;
     };
-    let (mut bytes, mut inodes) = (meta.blocks() * 512, 1);
+    if !meta.is_dir() && meta.nlink() > 1 && !linked.insert((meta.dev(), meta.ino())) {
+        return;
+    }
+    total.0 += meta.blocks() * 512;
+    total.1 += 1;
     if meta.is_dir()
         && let Ok(entries) = fs::read_dir(path)
     {
         for entry in entries.flatten() {
-            let (b, i) = disk_usage_and_inodes(&entry.path());
-            bytes += b;
-            inodes += i;
+            add_usage(&entry.path(), linked, total);
         }
     }
-    (bytes, inodes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn usage_counts_a_linked_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, view) = (dir.path().join("store"), dir.path().join("view"));
+        fs::create_dir_all(&store).unwrap();
+        fs::create_dir_all(&view).unwrap();
+        fs::write(store.join("big"), vec![7u8; 64 << 10]).unwrap();
+        let alone = disk_usage_and_inodes(&[&store]);
+        fs::hard_link(store.join("big"), view.join("big")).unwrap();
+        fs::hard_link(store.join("big"), store.join("again")).unwrap();
+        let (bytes, inodes) = disk_usage_and_inodes(&[&store, &view]);
+        let view_dir = fs::symlink_metadata(&view).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            bytes,
+            alone.0 + view_dir.blocks() * 512,
+            "the file's blocks count once"
+        );
+        assert_eq!(inodes, alone.1 + 1, "one more directory, no more files");
+    }
 
     #[test]
     fn canonical_modes_and_times() {

@@ -219,7 +219,8 @@ impl Store {
             .ok_or_else(|| StoreError::NotValid { path: top.clone() })
     }
 
-    /// Disk bytes and inodes under the store directory, recomputed at most every 30 seconds.
+    /// Disk bytes and inodes under the store directory and the closure views (a file linked
+    /// from both counts once), recomputed at most every 30 seconds.
     pub fn disk_usage_cached(&self) -> (u64, u64) {
         const FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(30);
         let mut cached = self
@@ -231,7 +232,7 @@ impl Store {
         {
             return usage;
         }
-        let usage = fs::disk_usage_and_inodes(&self.store_dir);
+        let usage = fs::disk_usage_and_inodes(&[&self.store_dir, &self.views_dir()]);
         *cached = Some((std::time::Instant::now(), usage));
         usage
     }

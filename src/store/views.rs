@@ -40,7 +40,7 @@ const VIEW_TEMP_PREFIX: &str = ".tmp-";
 
 impl Store {
     /// `ROOT/nix/var/nix-cri/views`.
-    fn views_dir(&self) -> PathBuf {
+    pub(super) fn views_dir(&self) -> PathBuf {
         self.root.join("nix/var/nix-cri/views")
     }
 

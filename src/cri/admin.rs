@@ -131,6 +131,7 @@ impl Admin for AdminService {
             dead: report.dead.iter().map(|p| p.to_absolute_path()).collect(),
             nar_bytes: report.nar_bytes,
             disk_bytes_freed: report.disk_bytes_freed,
+            views_removed: report.views_removed as u64,
         }))
     }
 

@@ -556,34 +556,34 @@ async fn gc(file_config: Config, args: GcArgs) -> anyhow::Result<()> {
         });
         let store = open_store(&config).await?;
         let report = tokio::task::spawn_blocking(move || store.gc(dry_run)).await??;
-        (
-            report.dead.iter().map(|p| p.to_absolute_path()).collect(),
-            report.nar_bytes,
-            report.disk_bytes_freed,
-        )
+        admin::proto::CollectGarbageResponse {
+            dead: report.dead.iter().map(|p| p.to_absolute_path()).collect(),
+            nar_bytes: report.nar_bytes,
+            disk_bytes_freed: report.disk_bytes_freed,
+            views_removed: report.views_removed as u64,
+        }
     } else {
         let mut client = admin_client(&file_config, &args.socket).await?;
-        let report = client
+        client
             .collect_garbage(admin::proto::CollectGarbageRequest { dry_run })
             .await?
-            .into_inner();
-        (report.dead, report.nar_bytes, report.disk_bytes_freed)
+            .into_inner()
     };
-    let (dead, nar_bytes, disk_bytes_freed): (Vec<String>, u64, u64) = report;
-    for path in &dead {
+    for path in &report.dead {
         println!("{path}");
     }
     if dry_run {
         eprintln!(
             "{} paths would be deleted ({} NAR)",
-            dead.len(),
-            human_bytes(nar_bytes)
+            report.dead.len(),
+            human_bytes(report.nar_bytes)
         );
     } else {
         eprintln!(
-            "deleted {} paths, {} freed",
-            dead.len(),
-            human_bytes(disk_bytes_freed)
+            "deleted {} paths and {} closure views, {} freed",
+            report.dead.len(),
+            report.views_removed,
+            human_bytes(report.disk_bytes_freed)
         );
     }
     Ok(())

@@ -26,12 +26,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustix::fs::{
-    AtFlags, CWD, Dir, FileType, Mode, OFlags, Timespec, Timestamps, fchmod, futimens, linkat,
-    mkdirat, openat, readlinkat, statat, symlinkat, utimensat,
+    AtFlags, CWD, Dir, FileType, Mode, OFlags, fchmod, futimens, linkat, mkdirat, openat,
+    readlinkat, statat, symlinkat, utimensat,
 };
 
 use crate::nix::StorePath;
-use crate::nix::nar::STORE_MTIME;
+use crate::nix::nar::STORE_TIMES;
 
 use super::{Store, StoreError, io_err};
 
@@ -152,18 +152,6 @@ impl Store {
         Ok(removed)
     }
 }
-
-/// Mtime 1 (the store's), access time left as it is.
-const STORE_TIMES: Timestamps = Timestamps {
-    last_access: Timespec {
-        tv_sec: 0,
-        tv_nsec: rustix::fs::UTIME_OMIT,
-    },
-    last_modification: Timespec {
-        tv_sec: STORE_MTIME,
-        tv_nsec: 0,
-    },
-};
 
 /// Mirrors every path of `closure` from `store_dir` into the empty directory `view`, then
 /// gives `view` the store's form. The paths are shared out among a few threads: a view of a

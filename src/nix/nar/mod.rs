@@ -53,7 +53,7 @@ use thiserror::Error;
 use super::hash::Sha256Digest;
 
 pub use reader::{HashingReader, unpack};
-pub use sink::{DirSink, NullSink, STORE_MTIME};
+pub use sink::{DirSink, NullSink, STORE_MTIME, STORE_TIMES};
 pub use writer::{HashingWriter, dump_path, nar_hash_path};
 
 /// The magic string every NAR starts with.

@@ -31,6 +31,18 @@ pub struct DirSink {
 /// Nix sets every store file's mtime to 1 so that builds reading timestamps are reproducible.
 pub const STORE_MTIME: i64 = 1;
 
+/// [`STORE_MTIME`] as the times to set on an entry: access time left as it is.
+pub const STORE_TIMES: rustix::fs::Timestamps = rustix::fs::Timestamps {
+    last_access: rustix::fs::Timespec {
+        tv_sec: 0,
+        tv_nsec: rustix::fs::UTIME_OMIT,
+    },
+    last_modification: rustix::fs::Timespec {
+        tv_sec: STORE_MTIME,
+        tv_nsec: 0,
+    },
+};
+
 impl DirSink {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self {
@@ -133,20 +145,10 @@ impl NarSink for DirSink {
                     return Ok(());
                 }
                 // mtime 1, atime left alone, on the link itself, as Nix's lutimes does.
-                let times = rustix::fs::Timestamps {
-                    last_access: rustix::fs::Timespec {
-                        tv_sec: 0,
-                        tv_nsec: rustix::fs::UTIME_OMIT,
-                    },
-                    last_modification: rustix::fs::Timespec {
-                        tv_sec: STORE_MTIME,
-                        tv_nsec: 0,
-                    },
-                };
                 rustix::fs::utimensat(
                     rustix::fs::CWD,
                     &link,
-                    &times,
+                    &STORE_TIMES,
                     rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
                 )
                 .map_err(io::Error::from)

@@ -31,10 +31,10 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
+use nix_cri::image::oci::sha256_digest;
 use nix_cri_e2e::containerd::{Containerd, image_client, runtime_client};
 use nix_cri_e2e::{CacheServer, NixCriServer, ServeOptions, nix_cri_bin, workspace};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 /// Longest any child process (a pull, `nix copy`, the floor) may run.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -209,13 +209,6 @@ struct OciImage {
     layer_bytes: u64,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 impl OciImage {
     /// The closure's layers from the manifest (`oci_layers`: file, size, digest, diff_id).
     fn load(layers: &[Value]) -> anyhow::Result<Self> {
@@ -226,7 +219,7 @@ impl OciImage {
         for layer in layers {
             let file = layer["file"].as_str().context("layer file")?;
             let bytes = Bytes::from(std::fs::read(file).with_context(|| format!("read {file}"))?);
-            let digest = format!("sha256:{}", sha256_hex(&bytes));
+            let digest = sha256_digest(&bytes);
             ensure!(
                 digest == layer["digest"].as_str().unwrap_or(""),
                 "{file} changed: rerun hack/bench-closure.sh"
@@ -244,7 +237,7 @@ impl OciImage {
             "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }))?);
-        let config_digest = format!("sha256:{}", sha256_hex(&config));
+        let config_digest = sha256_digest(&config);
         let manifest = Bytes::from(serde_json::to_vec(&json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -254,7 +247,7 @@ impl OciImage {
         }))?);
         blobs.insert(config_digest.clone(), config);
         Ok(Self {
-            manifest_digest: format!("sha256:{}", sha256_hex(&manifest)),
+            manifest_digest: sha256_digest(&manifest),
             manifest,
             config_digest,
             blobs,

@@ -178,9 +178,8 @@ impl Backups {
             return Ok(());
         }
         let on_host = self.host(path);
-        let original = match std::fs::symlink_metadata(&on_host) {
-            Ok(meta) if meta.file_type().is_file() => {
-                let bytes = std::fs::read(&on_host).map_err(InstallError::io("read", &on_host))?;
+        let original = match current_file(&on_host)? {
+            Some((bytes, meta)) => {
                 let name = format!(
                     "{}-{}",
                     self.manifest.files.len(),
@@ -200,18 +199,7 @@ impl Backups {
                     backup: name,
                 })
             }
-            Ok(_) => {
-                return Err(InstallError::Io {
-                    action: "replace",
-                    path: on_host,
-                    source: std::io::Error::other(
-                        "not a regular file (a symlink or directory); the installer only \
-                         replaces regular files",
-                    ),
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(InstallError::io("inspect", &on_host)(e)),
+            None => None,
         };
         self.manifest.files.push(FileRecord {
             path: path.to_owned(),

@@ -29,7 +29,8 @@ mod error;
 pub mod host;
 pub mod kube;
 pub mod kubelet;
-pub mod testing;
+#[cfg(test)]
+mod testing;
 
 #[cfg(test)]
 mod tests;

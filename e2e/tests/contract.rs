@@ -822,3 +822,103 @@ async fn bidirectional_streams_flow_both_ways_and_cancellation_reaches_the_runti
     }
     panic!("the runtime's stream was not reset after the caller went away");
 }
+
+/// One caller connection carrying calls nix-cri answers and calls it only forwards, at once and
+/// large: the relay decodes and re-encodes header blocks (HPACK state must stay in step although
+/// answered calls' blocks never reach the runtime), takes the answered calls' DATA off the
+/// connection, and adds their answers to it (flow-control windows must stay whole both ways).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_connection_interleaves_answered_and_forwarded_calls_of_any_size() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+    // One client, so one HTTP/2 connection for every call; its encoder indexes headers. Its
+    // windows are HTTP/2's smallest, so that the runtime's DATA and nix-cri's share them.
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_adaptive_window(false)
+        .http2_initial_stream_window_size(65_535)
+        .http2_initial_connection_window_size(65_535)
+        .build::<_, http_body_util::Full<Bytes>>(UnixConnector::new(&proxy.socket));
+    let call = |path: &'static str, message: Vec<u8>, call_id: usize| {
+        let client = client.clone();
+        async move {
+            let request = Request::post(format!("http://nix-cri{path}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .header("x-same-every-call", "indexed-once")
+                .header("x-call", call_id.to_string())
+                .body(http_body_util::Full::new(wire::frame(&message)))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let collected = response.into_body().collect().await.unwrap();
+            let trailers = collected.trailers().cloned().unwrap();
+            assert_eq!(trailers.get("grpc-status").unwrap(), "0", "call {call_id}");
+            (call_id, message, collected.to_bytes())
+        }
+    };
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        if i % 3 == 0 {
+            // Answered here, several MB each way: ListImages with a huge filter, which the
+            // fake runtime echoes back as an image list that nix-cri reads and re-frames.
+            let request = cri::ListImagesRequest {
+                filter: Some(cri::ImageFilter {
+                    image: Some(cri::ImageSpec {
+                        image: format!("{i}:{}", "l".repeat(3 << 20)),
+                        ..Default::default()
+                    }),
+                }),
+            };
+            calls.push(call(
+                "/runtime.v1.ImageService/ListImages",
+                request.encode_to_vec(),
+                i,
+            ));
+        } else {
+            // Forwarded: echoed by the runtime, 1 MB each way, or tiny.
+            let size = if i % 3 == 1 { 1 << 20 } else { 16 };
+            let message = vec![b'a' + (i % 26) as u8; size];
+            calls.push(call("/runtime.v1.RuntimeService/ExecSync", message, i));
+        }
+    }
+    let answers = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("every call is answered: no stalled flow-control window");
+    for (i, sent, body) in answers {
+        // ListImages' echo is the request's bytes, read as an image list; with no nix images
+        // in the store, nix-cri adds nothing to it.
+        let message = wire::unframe(&body).unwrap();
+        assert_eq!(message.len(), sent.len(), "call {i}");
+        assert!(message == &sent[..], "call {i}: the answer came back whole");
+    }
+    // Every forwarded call reached the runtime with its own headers.
+    let received = upstream.received.lock().unwrap().clone();
+    let mut seen: Vec<usize> = received
+        .iter()
+        .filter(|r| r.path == "/runtime.v1.RuntimeService/ExecSync")
+        .map(|r| {
+            assert_eq!(r.headers.get("x-same-every-call").unwrap(), "indexed-once");
+            r.headers
+                .get("x-call")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    seen.sort();
+    let want: Vec<usize> = (0..24).filter(|i| i % 3 != 0).collect();
+    assert_eq!(seen, want);
+    // And the connection is still sound afterwards.
+    let (_, _, body) = call(
+        "/runtime.v1.RuntimeService/Version",
+        b"\x0a\x02v1".to_vec(),
+        99,
+    )
+    .await;
+    assert_eq!(body, wire::frame(b"\x0a\x02v1"));
+}

@@ -1,9 +1,10 @@
 //! The CRI proxy.
 //!
-//! One HTTP/2 server on a unix socket answers `runtime.v1.RuntimeService`,
-//! `runtime.v1.ImageService` and nix-cri's admin API. Every call is forwarded to the runtime
-//! byte for byte (headers, body frames, trailers; streaming calls and methods nix-cri has never
-//! heard of included) except the few nix-cri must see:
+//! nix-cri listens on a unix socket for `runtime.v1.RuntimeService`, `runtime.v1.ImageService`
+//! and its own admin API. Each caller connection is spliced to a runtime connection of its own
+//! by the [`relay`], frame by frame: every call is forwarded byte for byte (body frames,
+//! trailers, flow control; streaming calls and methods nix-cri has never heard of included;
+//! headers re-encoded, field for field) except the few nix-cri must see:
 //!
 //! | call | what nix-cri does |
 //! | --- | --- |
@@ -19,9 +20,12 @@
 
 pub mod admin;
 mod error;
+mod frame;
 mod gc_policy;
 pub mod grpc;
+pub mod hpack;
 mod images;
+mod relay;
 mod runtime;
 pub mod upstream;
 pub mod wire;
@@ -36,7 +40,6 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Body as _;
 use tokio::net::UnixListener;
 use tracing::Instrument;
 
@@ -135,106 +138,29 @@ impl Proxy {
             };
             let proxy = self.clone();
             let admin = admin.clone();
-            tokio::spawn(proxy.serve_connection(stream, admin));
+            tokio::spawn(relay::serve(proxy, admin, stream));
         }
     }
 
-    /// Serves one client connection (kubelet keeps one), each call on a task of its own.
-    ///
-    /// HTTP/2 through the h2 crate directly, as the forwarding client does: hyper's server
-    /// would add its own task machinery and a `date` header to every answer.
-    async fn serve_connection(
-        self: Arc<Self>,
-        stream: tokio::net::UnixStream,
-        admin: admin::Server,
-    ) {
-        let handshake = h2::server::Builder::new()
-            .max_frame_size(1 << 20)
-            .initial_window_size(4 << 20)
-            .initial_connection_window_size(16 << 20)
-            // hyper's server default, which nix-cri had before.
-            .max_concurrent_streams(200)
-            .handshake::<_, Bytes>(stream);
-        let mut connection = match handshake.await {
-            Ok(connection) => connection,
-            Err(err) => {
-                tracing::debug!(%err, "connection ended in its handshake");
-                return;
-            }
-        };
-        // Accepting also drives the connection: it must go on while calls are answered.
-        while let Some(accepted) = connection.accept().await {
-            match accepted {
-                Ok((request, respond)) => {
-                    tokio::spawn(self.clone().answer(request, respond, admin.clone()));
-                }
-                Err(err) => {
-                    tracing::debug!(%err, "connection ended");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Answers one call. If the caller resets its stream first, the call is dropped, and with
-    /// it any call forwarded to the runtime (which sees its stream reset in turn).
-    async fn answer(
-        self: Arc<Self>,
-        request: Request<h2::RecvStream>,
-        mut respond: h2::server::SendResponse<Bytes>,
-        admin: admin::Server,
-    ) {
-        let request = request.map(grpc::recv_body);
-        // Boxed: rustc cannot prove the call's future Send in the spawned task otherwise
-        // (rust-lang/rust#64552, borrowed `&str`s held across awaits).
-        let response = tokio::select! {
-            biased;
-            response = self.handle(request, admin).boxed() => response,
-            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
-        };
-        let (parts, body) = response.into_parts();
-        let end_of_stream = body.is_end_stream();
-        match respond.send_response(Response::from_parts(parts, ()), end_of_stream) {
-            Ok(stream) => {
-                if !end_of_stream {
-                    grpc::send_body(body, stream).await;
-                }
-            }
-            Err(err) => tracing::debug!(%err, "cannot answer"),
-        }
-    }
-
+    /// Answers a call nix-cri handles itself (see [`answered_here`]).
     async fn handle(
         self: Arc<Self>,
         request: Request<Body>,
         admin: admin::Server,
     ) -> Response<Body> {
         let path = request.uri().path().to_owned();
-        let (service, method) = path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .unwrap_or(("", ""));
-        // Label values come from the wire: only the CRI's and our own services get their
-        // method names, so a stray client cannot grow the label set without bound.
-        let known = service.starts_with("runtime.v1.") || service == admin::SERVICE;
-        let label = if known { method } else { "other" };
+        let label = method_label(&path);
+        let (service, method) = service_and_method(&path);
         let started = std::time::Instant::now();
-        let handler = intercepted(service, method);
-        let response = if service == admin::SERVICE || handler.is_some() {
-            // The calls nix-cri handles get a span for what they log. Calls it only forwards
-            // log nothing, and a span each would cost more than the rest of their overhead.
-            let span = tracing::info_span!("cri", method = %method, image = tracing::field::Empty);
-            async {
-                match handler {
-                    Some(handler) => self.intercept(request, handler).await,
-                    None => admin::call(admin, request).await,
-                }
+        let span = tracing::info_span!("cri", method = %method, image = tracing::field::Empty);
+        let response = async {
+            match intercepted(service, method) {
+                Some(handler) => self.intercept(request, handler).await,
+                None => admin::call(admin, request).await,
             }
-            .instrument(span)
-            .await
-        } else {
-            self.upstream.forward(request).await
-        };
+        }
+        .instrument(span)
+        .await;
         observe(label, started, response)
     }
 
@@ -397,6 +323,32 @@ impl UnaryResponse {
 
 type Handler = fn(Arc<Proxy>, Unary) -> BoxFuture<'static, Result<Response<Body>, CriError>>;
 
+/// `/service/method` split, or empty strings for a path that is not one.
+fn service_and_method(path: &str) -> (&str, &str) {
+    path.strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .unwrap_or(("", ""))
+}
+
+/// Whether nix-cri answers calls to `path` (its own admin API, or a call it must see) rather
+/// than only forwarding them.
+fn answered_here(path: &[u8]) -> bool {
+    let (service, method) = service_and_method(std::str::from_utf8(path).unwrap_or(""));
+    service == admin::SERVICE || intercepted(service, method).is_some()
+}
+
+/// The metrics' method label for a call. Label values come from the wire: only the CRI's and
+/// our own services get their method names, so a stray client cannot grow the label set
+/// without bound.
+fn method_label(path: &str) -> &str {
+    let (service, method) = service_and_method(path);
+    if service.starts_with("runtime.v1.") || service == admin::SERVICE {
+        method
+    } else {
+        "other"
+    }
+}
+
 /// The calls nix-cri reads; everything else is forwarded untouched.
 fn intercepted(service: &str, method: &str) -> Option<Handler> {
     Some(match (service, method) {
@@ -425,7 +377,7 @@ fn observe(method: &str, started: std::time::Instant, response: Response<Body>) 
     if let Some(code) = grpc::status_of(response.headers(), None) {
         metrics
             .cri_requests
-            .with_label_values(&[method, &format!("{code:?}")])
+            .with_label_values(&[method, code_label(code)])
             .inc();
         return response;
     }
@@ -435,13 +387,37 @@ fn observe(method: &str, started: std::time::Instant, response: Response<Body>) 
             if let Some(code) = frame.trailers_ref().and_then(|t| grpc::status_of(t, None)) {
                 crate::metrics::global()
                     .cri_requests
-                    .with_label_values(&[&method, &format!("{code:?}")])
+                    .with_label_values(&[&method, code_label(code)])
                     .inc();
             }
             frame
         })
         .boxed_unsync()
     })
+}
+
+/// A status code's metrics label: its name as tonic spells it, without formatting one per call.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }
 
 /// Reads a unary body whole (at most the CRI's message size) with its trailers.
@@ -506,4 +482,32 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_labels_are_tonics_names() {
+        for i in 0..=16 {
+            let code = tonic::Code::from_i32(i);
+            assert_eq!(code_label(code), format!("{code:?}"));
+        }
+    }
+
+    #[test]
+    fn calls_answered_here_and_their_labels() {
+        assert!(answered_here(b"/runtime.v1.ImageService/PullImage"));
+        assert!(answered_here(b"/runtime.v1.RuntimeService/CreateContainer"));
+        assert!(answered_here(format!("/{}/Gc", admin::SERVICE).as_bytes()));
+        assert!(!answered_here(b"/runtime.v1.RuntimeService/Version"));
+        assert!(!answered_here(b"/runtime.v1.ImageService"));
+        assert!(!answered_here(b"\xff/x"));
+        assert_eq!(
+            method_label("/runtime.v1.RuntimeService/Version"),
+            "Version"
+        );
+        assert_eq!(method_label("/some.Other/Method"), "other");
+    }
 }

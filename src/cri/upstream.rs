@@ -1,14 +1,15 @@
-//! The runtime behind nix-cri (containerd or CRI-O), over its unix socket.
+//! The runtime behind nix-cri (containerd or CRI-O), over its unix socket, for the calls
+//! nix-cri makes itself.
 //!
-//! Two views of one socket: a raw HTTP/2 client that forwards requests as they are (headers,
-//! body frames, trailers: nothing decoded), and tonic clients for the few calls nix-cri makes
-//! itself. Both connect lazily and reconnect on the next call after the runtime restarts.
+//! Two views of one socket: a raw HTTP/2 client that sends requests as they are (headers,
+//! body frames, trailers: nothing decoded), for the calls nix-cri answers by forwarding them
+//! with or without a change, and for every call while a caller's own runtime connection is
+//! down (see [`super::relay`]); and tonic clients for the few calls nix-cri makes on its own.
+//! Both connect lazily and reconnect on the next call after the runtime restarts.
 //!
-//! The forwarding client is the `h2` crate's, used directly: a call is sent on the shared
-//! connection from the task that serves it, and the connection's task wakes that task when the
-//! answer arrives. hyper's client would add a dispatch channel, a task per request and a
-//! callback hop to every call; on the forwarding path, which every kubelet call takes, those
-//! were most of what nix-cri added to a call's latency.
+//! The raw client is the `h2` crate's, used directly: a call is sent on the shared connection
+//! from the task that serves it, and the connection's task wakes that task when the answer
+//! arrives, without hyper's dispatch channel and task per request.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -159,27 +159,35 @@ impl Frame {
     }
 }
 
-/// Takes the next whole frame off the front of `buf`, if it has arrived.
-pub fn parse(buf: &mut BytesMut) -> Option<Frame> {
+/// Takes the next whole frame off the front of `buf`, if it has arrived. A frame longer than
+/// `max_payload` (the receiver's SETTINGS_MAX_FRAME_SIZE) is an error, before any of it is
+/// buffered.
+pub fn parse(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Frame>, FrameError> {
     if buf.len() < HEADER_LEN {
-        return None;
+        return Ok(None);
     }
     let len = (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
+    if len > max_payload {
+        return Err(FrameError {
+            code: FRAME_SIZE_ERROR,
+            what: format!("frame of {len} bytes, over the limit of {max_payload}"),
+        });
+    }
     if buf.len() < HEADER_LEN + len {
         // Room for the rest, so the next read completes it without another copy.
         buf.reserve(HEADER_LEN + len - buf.len());
-        return None;
+        return Ok(None);
     }
     let kind = buf[3];
     let flags = buf[4];
     let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
     let raw = buf.split_to(HEADER_LEN + len).freeze();
-    Some(Frame {
+    Ok(Some(Frame {
         kind,
         flags,
         stream,
         raw,
-    })
+    }))
 }
 
 pub fn put_header(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
@@ -260,14 +268,18 @@ mod tests {
         put_data(&mut out, 3, b"hello", true);
         put_window_update(&mut out, 0, 70_000);
         let mut partial = BytesMut::from(&out[..7]);
-        assert!(parse(&mut partial).is_none());
-        let data = parse(&mut out).unwrap();
+        assert!(parse(&mut partial, 16).unwrap().is_none());
+        assert!(
+            parse(&mut out.clone(), 4).is_err(),
+            "over the frame size limit"
+        );
+        let data = parse(&mut out, MAX_PAYLOAD).unwrap().unwrap();
         assert_eq!(
             (data.kind, data.stream, data.has(END_STREAM)),
             (DATA, 3, true)
         );
         assert_eq!(&data.data().unwrap()[..], b"hello");
-        let update = parse(&mut out).unwrap();
+        let update = parse(&mut out, MAX_PAYLOAD).unwrap().unwrap();
         assert_eq!(update.window_increment().unwrap(), 70_000);
         assert!(out.is_empty());
     }
@@ -284,29 +296,35 @@ mod tests {
             1,
         );
         out.put_slice(&[2, 0, 0, 0, 0, 16, b'a', b'b', 0, 0]);
-        let frame = parse(&mut out).unwrap();
+        let frame = parse(&mut out, MAX_PAYLOAD).unwrap().unwrap();
         assert_eq!(&frame.fragment().unwrap()[..], b"ab");
         let mut bad = BytesMut::new();
         put_header(&mut bad, 2, DATA, PADDED, 1);
         bad.put_slice(&[5, 0]);
-        assert!(parse(&mut bad).unwrap().data().is_err());
+        assert!(
+            parse(&mut bad, MAX_PAYLOAD)
+                .unwrap()
+                .unwrap()
+                .data()
+                .is_err()
+        );
     }
 
     #[test]
     fn long_header_blocks_continue() {
         let mut out = BytesMut::new();
         put_headers(&mut out, 5, &[7u8; 40], true, 16);
-        let first = parse(&mut out).unwrap();
+        let first = parse(&mut out, MAX_PAYLOAD).unwrap().unwrap();
         assert_eq!(
             (first.kind, first.has(END_STREAM), first.has(END_HEADERS)),
             (HEADERS, true, false)
         );
-        let second = parse(&mut out).unwrap();
+        let second = parse(&mut out, MAX_PAYLOAD).unwrap().unwrap();
         assert_eq!(
             (second.kind, second.has(END_HEADERS)),
             (CONTINUATION, false)
         );
-        let third = parse(&mut out).unwrap();
+        let third = parse(&mut out, MAX_PAYLOAD).unwrap().unwrap();
         assert_eq!(
             (third.kind, third.has(END_HEADERS), third.payload().len()),
             (CONTINUATION, true, 8)

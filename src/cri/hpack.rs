@@ -511,7 +511,7 @@ fn put_integer(out: &mut BytesMut, flags: u8, prefix: u8, mut value: usize) {
 pub fn fuzz_logic(data: &[u8]) {
     let mut frames = BytesMut::from(data);
     let mut decoder = Decoder::new(1 << 16);
-    while let Some(frame) = super::frame::parse(&mut frames) {
+    while let Ok(Some(frame)) = super::frame::parse(&mut frames, super::frame::DEFAULT_MAX_FRAME) {
         let _ = (
             frame.data(),
             frame.window_increment(),

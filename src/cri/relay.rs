@@ -131,12 +131,9 @@ struct State {
     injected_unacked: i64,
     /// Connection-level DATA taken off the caller's side, to give back.
     swallowed: u32,
-    caller_initial_window: i64,
-    caller_max_frame: usize,
-    upstream_max_frame: usize,
-    /// The largest dynamic tables each side's decoder allows (SETTINGS_HEADER_TABLE_SIZE).
-    caller_table_limit: usize,
-    upstream_table_limit: usize,
+    /// What each side's SETTINGS said.
+    caller: PeerSettings,
+    upstream: PeerSettings,
     /// New calls go to the runtime; else they are answered UNAVAILABLE with `unavailable`.
     forwarding: bool,
     /// The runtime connection is up (it may still be finishing calls after its GOAWAY).
@@ -183,11 +180,8 @@ impl State {
             caller_window: frame::DEFAULT_WINDOW,
             injected_unacked: 0,
             swallowed: 0,
-            caller_initial_window: frame::DEFAULT_WINDOW,
-            caller_max_frame: frame::DEFAULT_MAX_FRAME,
-            upstream_max_frame: frame::DEFAULT_MAX_FRAME,
-            caller_table_limit: 4096,
-            upstream_table_limit: 4096,
+            caller: PeerSettings::default(),
+            upstream: PeerSettings::default(),
             forwarding: true,
             upstream_open: true,
             unavailable: String::new(),
@@ -205,6 +199,51 @@ impl State {
             frame::put_window_update(&mut self.to_caller, 0, self.swallowed);
             self.swallowed = 0;
         }
+    }
+}
+
+/// What a peer's SETTINGS told the relay: how large its frames and its HPACK table may be
+/// (for what the relay sends it, and for decoding what the other side's encoder sends it), and
+/// its streams' initial receive window (for the answers the relay sends it).
+struct PeerSettings {
+    max_frame: usize,
+    table_limit: usize,
+    initial_window: i64,
+}
+
+impl Default for PeerSettings {
+    fn default() -> Self {
+        Self {
+            max_frame: frame::DEFAULT_MAX_FRAME,
+            table_limit: 4096,
+            initial_window: frame::DEFAULT_WINDOW,
+        }
+    }
+}
+
+impl PeerSettings {
+    /// Takes in a SETTINGS frame; returns how much every stream's window changed.
+    fn apply(&mut self, settings: &Frame) -> Result<i64, FrameError> {
+        let mut delta = 0;
+        for (id, value) in settings.settings()? {
+            match id {
+                frame::SETTINGS_INITIAL_WINDOW_SIZE => {
+                    delta += i64::from(value) - self.initial_window;
+                    self.initial_window = i64::from(value);
+                }
+                frame::SETTINGS_MAX_FRAME_SIZE => {
+                    self.max_frame =
+                        (value as usize).clamp(frame::DEFAULT_MAX_FRAME, frame::MAX_PAYLOAD);
+                }
+                // The relay sees the setting pass before the encoder acts on it, so the larger
+                // of old and new is allowed.
+                frame::SETTINGS_HEADER_TABLE_SIZE => {
+                    self.table_limit = self.table_limit.max(value as usize);
+                }
+                _ => {}
+            }
+        }
+        Ok(delta)
     }
 }
 
@@ -292,7 +331,8 @@ impl Relay {
             }
             {
                 let mut st = self.lock();
-                while let Some(frame) = frame::parse(&mut buf) {
+                // The caller's frames are for the runtime, or for nix-cri in its place.
+                while let Some(frame) = frame::parse(&mut buf, st.upstream.max_frame)? {
                     match block.as_mut() {
                         Some(open) => {
                             open.add(&frame)?;
@@ -313,7 +353,7 @@ impl Relay {
                         }
                     }
                     if let Some(complete) = block.take() {
-                        decoder.set_limit(st.upstream_table_limit);
+                        decoder.set_limit(st.upstream.table_limit);
                         let fields = decoder.decode(&complete.fragments.freeze()).map_err(|e| {
                             FrameError {
                                 code: frame::COMPRESSION_ERROR,
@@ -371,24 +411,9 @@ impl Relay {
             }
             frame::SETTINGS => {
                 if !frame.has(frame::ACK) {
-                    for (id, value) in frame.settings()? {
-                        match id {
-                            frame::SETTINGS_INITIAL_WINDOW_SIZE => {
-                                let delta = i64::from(value) - st.caller_initial_window;
-                                st.caller_initial_window = i64::from(value);
-                                for answer in st.answers.values_mut() {
-                                    answer.window += delta;
-                                }
-                            }
-                            frame::SETTINGS_MAX_FRAME_SIZE => {
-                                st.caller_max_frame = (value as usize)
-                                    .clamp(frame::DEFAULT_MAX_FRAME, frame::MAX_PAYLOAD);
-                            }
-                            frame::SETTINGS_HEADER_TABLE_SIZE => {
-                                st.caller_table_limit = st.caller_table_limit.max(value as usize);
-                            }
-                            _ => {}
-                        }
+                    let delta = st.caller.apply(&frame)?;
+                    for answer in st.answers.values_mut() {
+                        answer.window += delta;
                     }
                     if !st.upstream_open {
                         frame::put_header(&mut st.to_caller, 0, frame::SETTINGS, frame::ACK, 0);
@@ -461,7 +486,7 @@ impl Relay {
                 forwarded.caller_done = true;
             }
             if st.upstream_open {
-                let max_frame = st.upstream_max_frame;
+                let max_frame = st.upstream.max_frame;
                 let block = encode(&fields);
                 frame::put_headers(&mut st.to_upstream, stream, &block, end_stream, max_frame);
             }
@@ -492,14 +517,14 @@ impl Relay {
         if answered_here || !st.forwarding {
             // Without the spliced runtime connection, calls go through nix-cri's own client
             // connection to the runtime, which reconnects when the runtime is back.
-            let answer = Answer::new(fields, st.caller_initial_window, !answered_here);
+            let answer = Answer::new(fields, st.caller.initial_window, !answered_here);
             st.answers.insert(stream, answer);
             if end_stream {
                 self.start_answer(st, stream);
             }
             return;
         }
-        let max_frame = st.upstream_max_frame;
+        let max_frame = st.upstream.max_frame;
         let block = encode(&fields);
         frame::put_headers(&mut st.to_upstream, stream, &block, end_stream, max_frame);
         st.forwarded.insert(
@@ -604,7 +629,7 @@ impl Relay {
     /// Answers a call with a status at once, and stops its request.
     fn refuse_answer(&self, st: &mut State, stream: u32, code: Code, message: &str) {
         let block = status_block(true, code, message);
-        let max_frame = st.caller_max_frame;
+        let max_frame = st.caller.max_frame;
         frame::put_headers(&mut st.to_caller, stream, &block, true, max_frame);
         frame::put_rst_stream(&mut st.to_caller, stream, frame::NO_ERROR);
         if let Some(answer) = st.answers.remove(&stream)
@@ -668,7 +693,7 @@ impl Relay {
         if !st.answers.contains_key(&stream) {
             return false;
         }
-        let max_frame = st.caller_max_frame;
+        let max_frame = st.caller.max_frame;
         frame::put_headers(&mut st.to_caller, stream, block, end_stream, max_frame);
         drop(st);
         self.to_caller_ready.notify_one();
@@ -683,7 +708,7 @@ impl Relay {
             grew.as_mut().enable();
             {
                 let mut st = self.lock();
-                let max_frame = st.caller_max_frame as i64;
+                let max_frame = st.caller.max_frame as i64;
                 let caller_window = st.caller_window;
                 let Some(answer) = st.answers.get_mut(&stream) else {
                     return false;
@@ -728,7 +753,13 @@ impl Relay {
                 Ok(_) => {}
                 Err(err) => return Err(err.to_string()),
             }
-            while let Some(frame) = frame::parse(&mut buf) {
+            // The runtime's frames are for the caller, as large as the caller allows.
+            let max_frame = self.lock().caller.max_frame;
+            loop {
+                let Some(frame) = frame::parse(&mut buf, max_frame).map_err(|e| e.to_string())?
+                else {
+                    break;
+                };
                 if let Some(open) = block.as_mut() {
                     open.add(&frame).map_err(|e| e.to_string())?;
                     if !frame.has(frame::END_HEADERS) {
@@ -795,7 +826,7 @@ impl Relay {
         if !*decoding {
             return;
         }
-        decoder.set_limit(st.caller_table_limit);
+        decoder.set_limit(st.caller.table_limit);
         let fields = match decoder.decode(&block.fragments.freeze()) {
             Ok(fields) => fields,
             Err(err) => {
@@ -835,18 +866,7 @@ impl Relay {
         let mut st = self.lock();
         match frame.kind {
             frame::SETTINGS if !frame.has(frame::ACK) => {
-                for (id, value) in frame.settings()? {
-                    match id {
-                        frame::SETTINGS_MAX_FRAME_SIZE => {
-                            st.upstream_max_frame = (value as usize)
-                                .clamp(frame::DEFAULT_MAX_FRAME, frame::MAX_PAYLOAD);
-                        }
-                        frame::SETTINGS_HEADER_TABLE_SIZE => {
-                            st.upstream_table_limit = st.upstream_table_limit.max(value as usize);
-                        }
-                        _ => {}
-                    }
-                }
+                st.upstream.apply(&frame)?;
             }
             frame::GOAWAY => {
                 // The runtime is shutting down: calls it will not take are answered here, and
@@ -989,7 +1009,7 @@ fn fail_forwarded(st: &mut State, stream: u32) {
         return;
     }
     let block = status_block(!forwarded.responded, Code::Unavailable, &st.unavailable);
-    let max_frame = st.caller_max_frame;
+    let max_frame = st.caller.max_frame;
     frame::put_headers(&mut st.to_caller, stream, &block, true, max_frame);
     count(&forwarded.path, Code::Unavailable);
 }

@@ -452,6 +452,15 @@ def notes(rep, goals):
           f"answer's header blocks for the per-method metrics; a perf profile puts over half of "
           f"nix-cri's CPU time in the kernel's socket and epoll paths. Measured here: "
           f"{added:+.0f} µs at p50 for one caller.")
+        d64, n64 = f["points"]["64"]["direct"], f["points"]["64"]["nix-cri"]
+        ratio64 = paired([b["calls_per_s"] for b in n64], [a["calls_per_s"] for a in d64])
+        if ratio64 > 1:
+            w(f"At 64 callers nix-cri answered {ratio64:.0%} of the direct call rate: more calls "
+              f"than containerd alone. The relay reads many callers' frames in one read and "
+              f"writes them to containerd in one write, so containerd's reader gets them in "
+              f"batches, and with both cores saturated that may save containerd more than nix-cri "
+              f"costs. This ratio varies widely between sessions on this 2-core VM: from 79% to "
+              f"102% in the runs made with the relay (2026-12-02).")
         if missed & {"forwarding adds ≤ 100 µs at p50 (1 caller)",
                      "forwarding keeps ≥ 80% of direct throughput at 64 callers"}:
             w("At 64 callers the two cores are saturated by the load generator, containerd and "
@@ -477,23 +486,22 @@ def notes(rep, goals):
     rs = r.get("rss")
     if rs:
         w("**Memory.** nix-cri never holds a NAR in memory: each NAR streams download → decoder → "
-          "parser → files with fixed buffers. The peak is the 16 concurrent NAR pipelines: xz "
-          "decoders need an 8 MiB dictionary each, zstd ones less, plus 256 KiB copy buffers and "
-          "the in-flight HTTP chunks.")
+          "parser → files with fixed buffers. The peak is the concurrent NAR pipelines (16 by "
+          "default): zstd decoders need little, xz decoders an 8 MiB dictionary each, so at most "
+          "two xz NARs per core are unpacked at once (`src/store/substitute.rs`); plus 256 KiB "
+          "copy buffers and the in-flight HTTP chunks. Before that cap, sixteen xz decoders at "
+          "once took the xz pull of `big` to 184–191 MB at its peak (runs of 2026-12-02 00:45 and "
+          "02:18 UTC; a rehearsal under load reached 204 MB), and it was no faster.")
         over = [v for v in rs.values() if v["peak_kb"] / 1024 > 180]
         if over:
-            w("The xz pull comes close to 200 MB at its peak (" + ", ".join(
-                f"`{v['closure']}`: {v['peak_kb'] / 1024:.0f} MB" for v in over) + "; a rehearsal run "
-              "under load reached 204 MB): sixteen xz decoders at once. Capping concurrent xz "
-              "decoders (two per core keep every core busy) would bound it; left open, since `jobs` "
-              "is a user-facing setting.")
+            w("This run still came close to 200 MB (" + ", ".join(
+                f"`{v['closure']}`: {v['peak_kb'] / 1024:.0f} MB" for v in over) + ").")
         w("After a pull, RSS stays well above the idle figure (the *idle after* column), most "
           "likely glibc keeping the freed decoder buffers in its malloc arenas. Tried and not "
           "kept: jemalloc as the global allocator (tikv-jemallocator), with which the xz pull "
-          "peaked at 219 MB and RSS three seconds after it was still 211 MB. Running the async "
-          "work on one thread lowered the xz peak (185–191 MB against 206–214 MB with two "
-          "threads, same session). Returning the rest (malloc_trim after a pull, which needs "
-          "unsafe code the library forbids, or fewer arenas) is left open.")
+          "peaked at 219 MB and RSS three seconds after it was still 211 MB. Returning the rest "
+          "(malloc_trim after a pull, which needs unsafe code the library forbids, or fewer "
+          "arenas) is left open.")
 
 
 NOTES_HEADER = "## What the numbers say, and what remains\n"

@@ -177,6 +177,15 @@ impl SubstituterConfig {
     }
 }
 
+/// How many xz NARs are unpacked at once, whatever `nar_jobs` allows: two per core keep every
+/// core decoding, and each xz decoder holds a dictionary of up to 64 MiB (8 MiB for
+/// `xz -6`, what Nix writes). With `nar_jobs` of them at once, sixteen by default, a pull of
+/// many large xz NARs came within a few MB of the 200 MB memory goal of issue 5.
+fn xz_decoders() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cores).max(2)
+}
+
 /// One path this pull fetched (or waited for another pull to fetch).
 #[derive(Debug, Clone)]
 pub struct PulledPath {
@@ -210,6 +219,8 @@ pub struct Substituter {
     cache: Arc<BinaryCacheClient>,
     config: SubstituterConfig,
     nar_permits: Arc<Semaphore>,
+    /// xz NARs unpacked at once: see [`xz_decoders`].
+    xz_permits: Arc<Semaphore>,
     in_flight: Mutex<HashMap<StorePath, SharedFetch>>,
     /// NAR downloads started (retries included), for tests and metrics.
     nars_started: AtomicU64,
@@ -235,6 +246,7 @@ impl Substituter {
     ) -> Arc<Self> {
         Arc::new(Self {
             nar_permits: Arc::new(Semaphore::new(config.nar_jobs.max(1))),
+            xz_permits: Arc::new(Semaphore::new(xz_decoders())),
             store,
             cache,
             config,
@@ -526,8 +538,18 @@ impl Substituter {
             .acquire_owned()
             .await
             .map_err(|e| aborted(&Wanted::Path(path.clone()), e))?;
+        let xz_permit = match found.narinfo.compression() {
+            Compression::Xz => Some(
+                self.xz_permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| aborted(&Wanted::Path(path.clone()), e))?,
+            ),
+            _ => None,
+        };
         let (temp, download_size) = self.fetch_to_temp(&found, &substituter).await?;
-        drop(permit);
+        drop((permit, xz_permit));
         let temp = TempTree(Some(temp));
 
         // References not handed over were valid when the pull resolved its closure, and the

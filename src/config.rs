@@ -52,7 +52,8 @@ pub struct Config {
     pub trusted_public_keys: Vec<String>,
     /// Accept paths without a valid signature. For development only. Default false.
     pub no_require_sigs: Option<bool>,
-    /// NARs fetched at once. Default 16.
+    /// NARs fetched at once. Default 16. Of these, at most two xz NARs per core are unpacked at
+    /// once: each xz decoder holds its dictionary (8 MiB for Nix's default compression).
     pub jobs: Option<usize>,
     /// TCP and TLS connect timeout, in seconds. Default 5.
     pub connect_timeout_secs: Option<f64>,
@@ -220,6 +221,29 @@ impl Config {
             allow_all_sandboxes: self.allow_all_sandboxes.unwrap_or(false),
             registry_addr,
         })
+    }
+
+    /// Checks all that `serve` checks of its configuration before it starts, so that
+    /// `install` can refuse a file `serve` would refuse.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.proxy_config()?;
+        self.gc_policy()?;
+        self.metrics_addr()?;
+        self.require_substituters()?;
+        self.substituter_urls()?;
+        self.substituter_config()?;
+        self.fetch_config()?;
+        Ok(())
+    }
+
+    pub fn require_substituters(&self) -> Result<(), ConfigError> {
+        if self.substituters.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no substituters: give --substituter URL or set substituters in the config file"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn substituter_urls(&self) -> Result<Vec<SubstituterUrl>, ConfigError> {
@@ -423,6 +447,36 @@ mod tests {
             "docs/configuration.md is out of date: run NIX_CRI_UPDATE_DOCS=1 cargo test -p nix-cri --lib config"
         );
         assert!(table.contains("`gc_max_store_bytes`"), "{table}");
+    }
+
+    #[test]
+    fn validate_refuses_what_serve_would() {
+        let good = toml_from_str("substituters = [\"https://cache.nixos.org\"]\n").unwrap();
+        good.validate().unwrap();
+        for (text, why) in [
+            ("", "no substituters"),
+            ("substituters = [\"gopher://x\"]\n", "gopher"),
+            (
+                "substituters = [\"file:///c\"]\ntrusted_public_keys = [\"k:not-base64\"]\n",
+                "k:not-base64",
+            ),
+            ("substituters = [\"file:///c\"]\njobs = 0\n", "jobs"),
+            (
+                "substituters = [\"file:///c\"]\nregistry_addr = \"10.0.0.1:5000\"\n",
+                "loopback",
+            ),
+            (
+                "substituters = [\"file:///c\"]\ngc_low_watermark_percent = 95\n",
+                "watermarks",
+            ),
+        ] {
+            let err = toml_from_str(text)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{text}: {err}");
+        }
     }
 
     #[test]

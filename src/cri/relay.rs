@@ -318,10 +318,7 @@ impl Relay {
         let mut decoder = Decoder::new(MAX_HEADER_LIST);
         let mut block: Option<Block> = None;
         loop {
-            if buf.capacity() - buf.len() < 8 << 10 {
-                buf.reserve(32 << 10);
-            }
-            match read.read_buf(&mut buf).await {
+            match read_more(&mut read, &mut buf).await {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
                 Err(err) => {
@@ -745,10 +742,7 @@ impl Relay {
         let mut block: Option<Block> = None;
         let mut decoding = true;
         loop {
-            if buf.capacity() - buf.len() < 8 << 10 {
-                buf.reserve(32 << 10);
-            }
-            match read.read_buf(&mut buf).await {
+            match read_more(&mut read, &mut buf).await {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
                 Err(err) => return Err(err.to_string()),
@@ -983,6 +977,14 @@ impl Relay {
             write.write_all(&out).await?;
         }
     }
+}
+
+/// Reads what has arrived onto `buf`, keeping room for a read of 8 KiB at least; 0 at the end.
+async fn read_more(read: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 8 << 10 {
+        buf.reserve(32 << 10);
+    }
+    read.read_buf(buf).await
 }
 
 impl Answer {

@@ -208,8 +208,8 @@ pub async fn install(opts: &InstallOptions, host: &Host<'_>) -> Result<Report, I
         }
     };
     let config = crate::config::Config::load(&config_source)?;
-    config.proxy_config()?;
-    config.gc_policy()?;
+    // What `serve` would refuse is refused here, before anything on the host changes.
+    config.validate()?;
     let config_bytes =
         std::fs::read(&config_source).map_err(InstallError::io("read", &config_source))?;
     let binary = std::fs::read(&opts.binary).map_err(InstallError::io("read", &opts.binary))?;

@@ -492,7 +492,19 @@ async fn config_is_required_once_and_checked() {
     assert!(!on_host(&f.root, Path::new(CONFIG)).exists());
 
     // Once installed, the host's config is kept when none is given.
+    // A config serve would refuse (here: no substituters) is refused before anything changes.
     std::fs::write(&given, "upstream = \"/var/run/crio/crio.sock\"\n").unwrap();
+    let err = install(&f.opts, &f.fake.host())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no substituters"), "{err}");
+    assert!(!on_host(&f.root, Path::new(CONFIG)).exists());
+    std::fs::write(
+        &given,
+        "upstream = \"/var/run/crio/crio.sock\"\nsubstituters = [\"file:///cache\"]\n",
+    )
+    .unwrap();
     install(&f.opts, &f.fake.host()).await.unwrap();
     assert!(read(&f.root, UNIT).contains("After=network-online.target crio.service"));
     f.opts.config = None;

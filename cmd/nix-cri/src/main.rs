@@ -285,9 +285,7 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
 }
 
 async fn make_substituter(config: &Config) -> anyhow::Result<Arc<Substituter>> {
-    if config.substituters.is_empty() {
-        bail!("no substituters: give --substituter URL or set substituters in the config file");
-    }
+    config.require_substituters()?;
     let substituter_config = config.substituter_config()?;
     if !substituter_config.require_sigs {
         eprintln!("nix-cri: warning: signatures are not checked (--no-require-sigs)");
@@ -311,6 +309,7 @@ async fn serve(file_config: Config, args: ServeArgs) -> anyhow::Result<()> {
         gc_max_store_bytes: args.gc_max_store_bytes,
         ..args.substituters.into_config(args.store.root)
     });
+    config.validate()?;
     let mut proxy_config = config.proxy_config()?;
     let gc_policy = config.gc_policy()?;
     let metrics_addr = config.metrics_addr()?;

@@ -922,3 +922,116 @@ async fn one_connection_interleaves_answered_and_forwarded_calls_of_any_size() {
     .await;
     assert_eq!(body, wire::frame(b"\x0a\x02v1"));
 }
+
+/// Reads frames (type, flags, stream, payload) from a raw HTTP/2 connection until it closes.
+async fn frames_until_closed(stream: &mut tokio::net::UnixStream) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes)).await;
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+        let stream_id = u32::from_be_bytes(bytes[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff;
+        let end = (at + 9 + len).min(bytes.len());
+        frames.push((
+            bytes[at + 3],
+            bytes[at + 4],
+            stream_id,
+            bytes[at + 9..end].to_vec(),
+        ));
+        at += 9 + len;
+    }
+    frames
+}
+
+fn raw_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Bad HTTP/2 from a caller ends its connection with a GOAWAY that says what was wrong (RFC
+/// 9113 §5.4.1), and a message over the CRI's size limit to a call nix-cri answers is refused
+/// with a status that says so. The runtime and other connections go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_http2_from_a_caller_is_a_goaway_that_says_why() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let settings = raw_frame(0x4, 0, 0, &[]);
+    let cases: [(&str, Vec<u8>, u32, &str); 3] = [
+        // An index into an empty dynamic table.
+        (
+            "bad HPACK",
+            raw_frame(0x1, 0x5, 1, &[0x82, 0xbe]),
+            0x9,
+            "index 62",
+        ),
+        // Over the runtime's SETTINGS_MAX_FRAME_SIZE (16384 unless it says otherwise).
+        (
+            "oversize frame",
+            raw_frame(0x0, 0, 1, &vec![0; 20_000]),
+            0x6,
+            "over the limit",
+        ),
+        (
+            "CONTINUATION alone",
+            raw_frame(0x9, 0x4, 1, &[0x82]),
+            0x1,
+            "CONTINUATION",
+        ),
+    ];
+    for (what, bad, code, why) in cases {
+        let mut stream = tokio::net::UnixStream::connect(&proxy.socket)
+            .await
+            .unwrap();
+        stream
+            .write_all(&[preface.clone(), settings.clone(), bad].concat())
+            .await
+            .unwrap();
+        let frames = frames_until_closed(&mut stream).await;
+        let goaway = frames
+            .iter()
+            .find(|f| f.0 == 0x7)
+            .unwrap_or_else(|| panic!("{what}: no GOAWAY in {frames:?}"));
+        let error = u32::from_be_bytes(goaway.3[4..8].try_into().unwrap());
+        assert_eq!(error, code, "{what}");
+        let debug = String::from_utf8_lossy(&goaway.3[8..]);
+        assert!(debug.contains(why), "{what}: {debug}");
+    }
+
+    // ListImages is answered here: nix-cri reads the whole request, up to the CRI's limit.
+    let oversize = vec![0u8; (16 << 20) + 1];
+    let (headers, _, _) = raw_call(
+        &proxy.socket,
+        "/runtime.v1.ImageService/ListImages",
+        &oversize,
+        &[],
+    )
+    .await;
+    assert_eq!(headers.get("grpc-status").unwrap(), "3");
+    let message = headers.get("grpc-message").unwrap().to_str().unwrap();
+    assert!(message.contains("larger than 16777216 bytes"), "{message}");
+
+    // Nothing of that reached the runtime, and calls go on.
+    let (_, body, _) = raw_call(
+        &proxy.socket,
+        "/runtime.v1.RuntimeService/Version",
+        b"\x0a\x02v1",
+        &[],
+    )
+    .await;
+    assert_eq!(body, wire::frame(b"\x0a\x02v1"));
+    assert!(
+        upstream
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|r| r.path == "/runtime.v1.RuntimeService/Version")
+    );
+}

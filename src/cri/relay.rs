@@ -553,6 +553,10 @@ impl Relay {
         let Some(answer) = st.answers.get_mut(&stream) else {
             return;
         };
+        if answer.caller_done {
+            // A second end of the same request (trailers after END_STREAM): already started.
+            return;
+        }
         answer.caller_done = true;
         if answer.answer_done {
             st.answers.remove(&stream);

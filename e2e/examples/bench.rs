@@ -32,7 +32,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use nix_cri::image::oci::sha256_digest;
-use nix_cri_e2e::containerd::{Containerd, image_client, runtime_client};
+use nix_cri_e2e::containerd::{Containerd, image_client, image_spec, remove_pod, runtime_client};
 use nix_cri_e2e::{CacheServer, NixCriServer, ServeOptions, nix_cri_bin, workspace};
 use serde_json::{Value, json};
 
@@ -378,13 +378,6 @@ fn store_entries(root: &Path) -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-fn image_spec(image: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: image.into(),
-        ..Default::default()
-    })
 }
 
 async fn pull(
@@ -1224,16 +1217,7 @@ async fn create_start(
     for (label, v) in &out {
         say(format!("  {label:<24} p50 {:.1} ms", median(v)));
     }
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
-        .await?;
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox,
-        })
-        .await?;
+    remove_pod(&mut runtime, &sandbox).await?;
     b.results.insert(
         "create_start".into(),
         json!({"paths": paths, "ms": out, "create_ms": create_only}),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use k8s_cri::v1 as cri;
-use nix_cri_e2e::containerd::{Containerd, image_client, runtime_client};
+use nix_cri_e2e::containerd::{Containerd, image_client, image_spec, remove_pod, runtime_client};
 use nix_cri_e2e::{CacheServer, NixCriServer, fixtures};
 
 fn step(text: &str) {
@@ -37,10 +37,7 @@ async fn main() -> anyhow::Result<()> {
     step(&format!("PullImage {pod_image}"));
     let image_id = images
         .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: pod_image.clone(),
-                ..Default::default()
-            }),
+            image: image_spec(pod_image.clone()),
             ..Default::default()
         })
         .await
@@ -50,10 +47,7 @@ async fn main() -> anyhow::Result<()> {
     println!("    image id {image_id}");
     let status = images
         .image_status(cri::ImageStatusRequest {
-            image: Some(cri::ImageSpec {
-                image: image_id.clone(),
-                ..Default::default()
-            }),
+            image: image_spec(image_id.clone()),
             verbose: false,
         })
         .await?
@@ -148,22 +142,10 @@ async fn main() -> anyhow::Result<()> {
             container_id: container,
         })
         .await?;
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
-        .await?;
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox,
-        })
-        .await?;
+    remove_pod(&mut runtime, &sandbox).await?;
     images
         .remove_image(cri::RemoveImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image_id,
-                ..Default::default()
-            }),
+            image: image_spec(image_id),
         })
         .await?;
     step("done");

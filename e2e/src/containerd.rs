@@ -327,17 +327,35 @@ async fn remove_all_pods_at(socket: &Path) -> anyhow::Result<()> {
         .into_inner()
         .items;
     for pod in pods {
-        let id = pod.id;
-        runtime
-            .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: id.clone(),
-            })
-            .await?;
-        runtime
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
-            .await?;
+        remove_pod(&mut runtime, &pod.id).await?;
     }
     Ok(())
+}
+
+/// Stops and removes a pod sandbox, as kubelet does when a pod goes.
+pub async fn remove_pod(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    pod_id: &str,
+) -> Result<(), tonic::Status> {
+    runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.to_owned(),
+        })
+        .await?;
+    runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.to_owned(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// An image spec that names `image` and nothing else.
+pub fn image_spec(image: impl Into<String>) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    })
 }
 
 /// A gRPC channel to a CRI endpoint on a unix socket (containerd, or nix-cri in front of it).

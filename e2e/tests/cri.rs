@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
-use nix_cri_e2e::containerd::{Containerd, image_client, runtime_client};
+use nix_cri_e2e::containerd::{Containerd, image_client, image_spec, remove_pod, runtime_client};
 use nix_cri_e2e::{CacheServer, NixCriServer, fixtures, http_get, nix_command, run};
 
 const POD_UID: &str = "0b6a1c8e-nix-cri-e2e";
@@ -47,13 +47,6 @@ fn container_config(
         linux: Some(cri::LinuxContainerConfig::default()),
         ..Default::default()
     }
-}
-
-fn image_spec(image: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: image.into(),
-        ..Default::default()
-    })
 }
 
 /// Waits for a container to exit and returns its exit code.
@@ -407,18 +400,7 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
             .await
             .unwrap();
     }
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox,
-        })
-        .await
-        .unwrap();
+    remove_pod(&mut runtime, &sandbox).await.unwrap();
     // Removing again is fine (idempotent). The last container's removal let the closure go.
     images
         .remove_image(cri::RemoveImageRequest {
@@ -507,18 +489,7 @@ async fn nix_images_need_the_runtime_class() {
         .unwrap()
         .into_inner();
     assert!(status.runtime_handlers.iter().any(|h| h.name == "nix"));
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox,
-        })
-        .await
-        .unwrap();
+    remove_pod(&mut runtime, &sandbox).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -625,16 +596,5 @@ async fn container_roots_are_reconciled_after_a_crash() {
         })
         .await
         .unwrap();
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: sandbox.clone(),
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: sandbox,
-        })
-        .await
-        .unwrap();
+    remove_pod(&mut runtime, &sandbox).await.unwrap();
 }

@@ -15,7 +15,7 @@ use nix_cri::cache::{BinaryCacheClient, FetchConfig, SubstituterUrl};
 use nix_cri::nix::{StorePath, TrustedKeys, VerifyingKey};
 use nix_cri::registry::{NixImages, Registry, nix_image_reference};
 use nix_cri::store::{Store, Substituter, SubstituterConfig, Wanted};
-use nix_cri_e2e::containerd::{Containerd, read_cri_log, wait_for_exit};
+use nix_cri_e2e::containerd::{Containerd, image_spec, read_cri_log, remove_pod, wait_for_exit};
 use nix_cri_e2e::{fixtures, nix_command, run};
 use tonic::transport::Channel;
 
@@ -90,10 +90,7 @@ async fn an_ordinary_image_runs_on_a_pod_network() {
     let busybox = containerd.busybox_image();
     let pulled = images
         .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: busybox.clone(),
-                ..Default::default()
-            }),
+            image: image_spec(busybox.clone()),
             ..Default::default()
         })
         .await
@@ -162,24 +159,10 @@ async fn an_ordinary_image_runs_on_a_pod_network() {
         .remove_container(cri::RemoveContainerRequest { container_id: id })
         .await
         .unwrap();
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id,
-        })
-        .await
-        .unwrap();
+    remove_pod(&mut runtime, &pod_id).await.unwrap();
     images
         .remove_image(cri::RemoveImageRequest {
-            image: Some(cri::ImageSpec {
-                image: pulled.image_ref,
-                ..Default::default()
-            }),
+            image: image_spec(pulled.image_ref),
         })
         .await
         .unwrap();
@@ -237,31 +220,13 @@ fn closure_mounts(store: &Store, top: &StorePath) -> Vec<cri::Mount> {
 async fn pull(images: &mut ImageServiceClient<Channel>, image: &str) -> String {
     images
         .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.to_owned(),
-                ..Default::default()
-            }),
+            image: image_spec(image.to_owned()),
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner()
         .image_ref
-}
-
-async fn remove_pod(runtime: &mut RuntimeServiceClient<Channel>, pod_id: &str) {
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.to_owned(),
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id.to_owned(),
-        })
-        .await
-        .unwrap();
 }
 
 /// An image spec made with real Nix (`builtins.toFile` of `builtins.toJSON`) runs its
@@ -343,10 +308,7 @@ async fn an_image_spec_runs_its_entrypoint_with_its_links() {
             name: name.to_owned(),
             attempt: 0,
         }),
-        image: Some(cri::ImageSpec {
-            image: image_ref.clone(),
-            ..Default::default()
-        }),
+        image: image_spec(image_ref.clone()),
         command: command.iter().map(|s| s.to_string()).collect(),
         log_path: format!("{name}.log"),
         mounts: mounts.clone(),
@@ -371,7 +333,7 @@ async fn an_image_spec_runs_its_entrypoint_with_its_links() {
     .unwrap();
     assert_eq!(status.exit_code, 0, "{status:?}\n{output}");
     assert_eq!(output, format!("{}/bin\nlinked\n", fx.path("busybox")));
-    remove_pod(&mut runtime, &pod_id).await;
+    remove_pod(&mut runtime, &pod_id).await.unwrap();
     drop(containerd);
     registry.shutdown().await;
 }
@@ -395,10 +357,7 @@ async fn a_root_image_runs_a_closure_from_the_store() {
     let mut runtime = containerd.runtime().await.unwrap();
     let pulled = images
         .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: reference.clone(),
-                ..Default::default()
-            }),
+            image: image_spec(reference.clone()),
             ..Default::default()
         })
         .await
@@ -410,10 +369,7 @@ async fn a_root_image_runs_a_closure_from_the_store() {
     for by in [ours.id().to_owned(), reference.clone()] {
         let image = images
             .image_status(cri::ImageStatusRequest {
-                image: Some(cri::ImageSpec {
-                    image: by.clone(),
-                    ..Default::default()
-                }),
+                image: image_spec(by.clone()),
                 verbose: false,
             })
             .await
@@ -550,33 +506,16 @@ async fn a_root_image_runs_a_closure_from_the_store() {
             .await
             .unwrap();
     }
-    runtime
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id,
-        })
-        .await
-        .unwrap();
+    remove_pod(&mut runtime, &pod_id).await.unwrap();
     images
         .remove_image(cri::RemoveImageRequest {
-            image: Some(cri::ImageSpec {
-                image: ours.id().to_owned(),
-                ..Default::default()
-            }),
+            image: image_spec(ours.id().to_owned()),
         })
         .await
         .unwrap();
     let gone = images
         .image_status(cri::ImageStatusRequest {
-            image: Some(cri::ImageSpec {
-                image: ours.id().to_owned(),
-                ..Default::default()
-            }),
+            image: image_spec(ours.id().to_owned()),
             verbose: false,
         })
         .await

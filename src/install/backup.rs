@@ -218,13 +218,10 @@ impl Backups {
         mode: Option<u32>,
     ) -> Result<bool, InstallError> {
         let on_host = self.host(path);
-        let current = current_file(&on_host)?;
-        if let Some((current_bytes, meta)) = &current
-            && current_bytes == bytes
-            && mode.is_none_or(|m| meta.permissions().mode() & 0o7777 == m)
-        {
+        if holds(&on_host, bytes, mode)? {
             return Ok(false);
         }
+        let current = current_file(&on_host)?;
         self.record(path)?;
         if let Some(parent) = path.parent() {
             self.ensure_dir(parent)?;
@@ -340,6 +337,24 @@ impl Backups {
     }
 }
 
+/// Whether the regular file at `path` holds exactly `bytes` (and has `mode`, if given). The
+/// size is compared first, so a file that differs in size is not read: the installer's watch
+/// loop asks this of the nix-cri binary on every pass.
+pub fn holds(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<bool, InstallError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta)
+            if meta.file_type().is_file()
+                && meta.len() == bytes.len() as u64
+                && mode.is_none_or(|m| meta.permissions().mode() & 0o7777 == m) =>
+        {
+            Ok(std::fs::read(path).map_err(InstallError::io("read", path))? == bytes)
+        }
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(InstallError::io("inspect", path)(e)),
+    }
+}
+
 /// The file's bytes and metadata, `None` if it does not exist. A symlink or directory there is
 /// an error: the installer only replaces regular files.
 pub fn current_file(path: &Path) -> Result<Option<(Vec<u8>, std::fs::Metadata)>, InstallError> {
@@ -407,4 +422,30 @@ pub fn write_atomic(
             source,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_compares_size_mode_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        assert!(!holds(&path, b"abc", None).unwrap(), "missing");
+        write_atomic(&path, b"abc", 0o644, None).unwrap();
+        assert!(holds(&path, b"abc", None).unwrap());
+        assert!(holds(&path, b"abc", Some(0o644)).unwrap());
+        assert!(!holds(&path, b"abc", Some(0o755)).unwrap(), "mode");
+        assert!(
+            !holds(&path, b"abd", None).unwrap(),
+            "same size, other bytes"
+        );
+        assert!(!holds(&path, b"abcd", None).unwrap(), "size");
+        std::os::unix::fs::symlink(&path, dir.path().join("link")).unwrap();
+        assert!(
+            !holds(&dir.path().join("link"), b"abc", None).unwrap(),
+            "a symlink"
+        );
+    }
 }

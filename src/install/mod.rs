@@ -232,13 +232,15 @@ pub async fn install(opts: &InstallOptions, host: &Host<'_>) -> Result<Report, I
         (CONFIG, &config_bytes, 0o644),
         (UNIT, unit.as_bytes(), 0o644),
     ];
-    let mut differs = false;
+    // Files found as they should be are not looked at again below: on a watch pass where
+    // nothing drifted, each is read once (and not at all if its size differs).
+    let mut stale = Vec::new();
     for (path, bytes, mode) in files {
-        let current = backup::current_file(&on_host(root, Path::new(path)))?;
-        use std::os::unix::fs::PermissionsExt;
-        differs |= !current
-            .is_some_and(|(now, meta)| now == bytes && meta.permissions().mode() & 0o7777 == mode);
+        if !backup::holds(&on_host(root, Path::new(path)), bytes, Some(mode))? {
+            stale.push((path, bytes, mode));
+        }
     }
+    let differs = !stale.is_empty();
     let kubelet_differs = kubelet_text != kubelet.text;
     let enabled = host.query(Systemctl::IsEnabled(UNIT_NAME.into()))?;
     let active = host.query(Systemctl::IsActive(UNIT_NAME.into()))?;
@@ -250,7 +252,7 @@ pub async fn install(opts: &InstallOptions, host: &Host<'_>) -> Result<Report, I
     }
 
     // 3. nix-cri's files.
-    for (path, bytes, mode) in files {
+    for (path, bytes, mode) in stale {
         if backups.write(Path::new(path), bytes, Some(mode))? {
             report.changed.push(PathBuf::from(path));
         }

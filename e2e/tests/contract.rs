@@ -302,6 +302,19 @@ async fn raw_call(
     (parts.headers, collected.to_bytes(), trailers)
 }
 
+/// A Version call on a new connection comes back from the fake runtime's echo, with status 0.
+async fn version_is_echoed(socket: &Path) {
+    let (_, body, trailers) = raw_call(
+        socket,
+        "/runtime.v1.RuntimeService/Version",
+        b"\x0a\x02v1",
+        &[],
+    )
+    .await;
+    assert_eq!(body, wire::frame(b"\x0a\x02v1"));
+    assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+}
+
 /// A message with a field number no CRI version defines, as a newer kubelet might send.
 fn with_unknown_field(message: &[u8]) -> Vec<u8> {
     let mut out = BytesMut::from(message);
@@ -621,15 +634,7 @@ async fn a_dead_runtime_is_unavailable_naming_its_socket() {
             .await;
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (_, body, trailers) = raw_call(
-        &proxy.socket,
-        "/runtime.v1.RuntimeService/Version",
-        b"\x0a\x02v1",
-        &[],
-    )
-    .await;
-    assert_eq!(body, wire::frame(b"\x0a\x02v1"));
-    assert_eq!(trailers.unwrap().get("grpc-status").unwrap(), "0");
+    version_is_echoed(&proxy.socket).await;
     upstream.abort();
 }
 
@@ -1018,14 +1023,7 @@ async fn bad_http2_from_a_caller_is_a_goaway_that_says_why() {
     assert!(message.contains("larger than 16777216 bytes"), "{message}");
 
     // Nothing of that reached the runtime, and calls go on.
-    let (_, body, _) = raw_call(
-        &proxy.socket,
-        "/runtime.v1.RuntimeService/Version",
-        b"\x0a\x02v1",
-        &[],
-    )
-    .await;
-    assert_eq!(body, wire::frame(b"\x0a\x02v1"));
+    version_is_echoed(&proxy.socket).await;
     assert!(
         upstream
             .received

@@ -369,31 +369,37 @@ fn intercepted(service: &str, method: &str) -> Option<Handler> {
 /// Records the call's latency to response headers and, once known, its gRPC status code (in
 /// the headers of a trailers-only answer, else in the trailers at the end of the body).
 fn observe(method: &str, started: std::time::Instant, response: Response<Body>) -> Response<Body> {
-    let metrics = crate::metrics::global();
-    metrics
-        .forward_duration
-        .with_label_values(&[method])
-        .observe(started.elapsed().as_secs_f64());
+    observe_latency(method, started);
     if let Some(code) = grpc::status_of(response.headers(), None) {
-        metrics
-            .cri_requests
-            .with_label_values(&[method, code_label(code)])
-            .inc();
+        count_call(method, code);
         return response;
     }
     let method = method.to_owned();
     response.map(|body| {
         body.map_frame(move |frame| {
             if let Some(code) = frame.trailers_ref().and_then(|t| grpc::status_of(t, None)) {
-                crate::metrics::global()
-                    .cri_requests
-                    .with_label_values(&[&method, code_label(code)])
-                    .inc();
+                count_call(&method, code);
             }
             frame
         })
         .boxed_unsync()
     })
+}
+
+/// Records the time from a call's arrival to its response headers.
+fn observe_latency(method: &str, started: std::time::Instant) {
+    crate::metrics::global()
+        .forward_duration
+        .with_label_values(&[method])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Counts a finished call by its gRPC status.
+fn count_call(method: &str, code: tonic::Code) {
+    crate::metrics::global()
+        .cri_requests
+        .with_label_values(&[method, code_label(code)])
+        .inc();
 }
 
 /// A status code's metrics label: its name as tonic spells it, without formatting one per call.

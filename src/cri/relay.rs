@@ -841,10 +841,7 @@ impl Relay {
         let label = label_of(&forwarded.path);
         if !forwarded.responded {
             forwarded.responded = true;
-            crate::metrics::global()
-                .forward_duration
-                .with_label_values(&[label])
-                .observe(forwarded.started.elapsed().as_secs_f64());
+            super::observe_latency(label, forwarded.started);
         }
         if block.end_stream {
             forwarded.upstream_done = true;
@@ -854,7 +851,7 @@ impl Relay {
                 .and_then(|f| std::str::from_utf8(&f.value).ok()?.parse::<i32>().ok())
                 .map(Code::from_i32);
             if let Some(code) = code {
-                count_label(label, code);
+                super::count_call(label, code);
             }
             self.forget_if_done(&mut st, block.stream);
         }
@@ -1017,7 +1014,7 @@ fn fail_forwarded(st: &mut State, stream: u32) {
     let block = status_block(!forwarded.responded, Code::Unavailable, &st.unavailable);
     let max_frame = st.caller.max_frame;
     frame::put_headers(&mut st.to_caller, stream, &block, true, max_frame);
-    count(&forwarded.path, Code::Unavailable);
+    super::count_call(label_of(&forwarded.path), Code::Unavailable);
 }
 
 /// A gRPC status as a header block: a whole trailers-only answer, or trailers.
@@ -1088,17 +1085,5 @@ fn request_of(fields: &[Field], body: Bytes) -> Result<Request<grpc::Body>, Stri
 
 /// The metrics' method label for a path, as [`Proxy::handle`] gives it.
 fn label_of(path: &[u8]) -> &str {
-    let path = std::str::from_utf8(path).unwrap_or("");
-    super::method_label(path)
-}
-
-fn count(path: &[u8], code: Code) {
-    count_label(label_of(path), code);
-}
-
-fn count_label(label: &str, code: Code) {
-    crate::metrics::global()
-        .cri_requests
-        .with_label_values(&[label, super::code_label(code)])
-        .inc();
+    super::method_label(std::str::from_utf8(path).unwrap_or(""))
 }

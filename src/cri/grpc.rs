@@ -92,9 +92,9 @@ pub fn status_of(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<Co
 /// fit, and then go out without waiting for the connection task to open their stream first.
 const SEND_WITHOUT_CAPACITY: usize = 64 << 10;
 
-/// Sends a body's frames (data, then any trailers) on an HTTP/2 stream, a request's to the
-/// runtime or a response's to kubelet. Large chunks wait for
-/// flow-control capacity, so a slow runtime holds back the caller rather than filling memory.
+/// Sends a request body's frames (data, then any trailers) on an HTTP/2 stream to the
+/// runtime. Large chunks wait for flow-control capacity, so a slow runtime holds back the
+/// caller rather than filling memory.
 /// If the body fails, the stream is reset; if the peer resets the stream, the body is dropped
 /// (which resets the stream it comes from, if any).
 pub async fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {

@@ -125,6 +125,8 @@ struct State {
     /// Frames queued for each side, written in order by that side's writer.
     to_caller: BytesMut,
     to_upstream: BytesMut,
+    /// Where caller header blocks are re-encoded, kept from call to call.
+    header_block: BytesMut,
     /// The caller's connection window as it really is, for all DATA sent to it.
     caller_window: i64,
     /// DATA the relay sent the caller that the caller has not yet given back.
@@ -177,6 +179,7 @@ impl State {
         Self {
             to_caller: BytesMut::with_capacity(16 << 10),
             to_upstream: BytesMut::with_capacity(16 << 10),
+            header_block: BytesMut::with_capacity(1 << 10),
             caller_window: frame::DEFAULT_WINDOW,
             injected_unacked: 0,
             swallowed: 0,
@@ -190,6 +193,17 @@ impl State {
             max_stream: 0,
             goaway_sent: None,
             closed: false,
+        }
+    }
+
+    /// Forgets a forwarded call once both sides have ended it.
+    fn forget_if_done(&mut self, stream: u32) {
+        if self
+            .forwarded
+            .get(&stream)
+            .is_some_and(|f| f.caller_done && f.upstream_done)
+        {
+            self.forwarded.remove(&stream);
         }
     }
 
@@ -235,11 +249,8 @@ impl PeerSettings {
                     self.max_frame =
                         (value as usize).clamp(frame::DEFAULT_MAX_FRAME, frame::MAX_PAYLOAD);
                 }
-                // The relay sees the setting pass before the encoder acts on it, so the larger
-                // of old and new is allowed.
-                frame::SETTINGS_HEADER_TABLE_SIZE => {
-                    self.table_limit = self.table_limit.max(value as usize);
-                }
+                // The decoder allows the largest limit it was ever given (Decoder::set_limit).
+                frame::SETTINGS_HEADER_TABLE_SIZE => self.table_limit = value as usize,
                 _ => {}
             }
         }
@@ -270,23 +281,28 @@ impl std::hash::Hasher for StreamIdHasher {
     }
 }
 
-/// A header block being received: HEADERS, then CONTINUATIONs until END_HEADERS.
+/// A header block being received: HEADERS, then CONTINUATIONs until END_HEADERS. Nearly
+/// every block is one frame, which is kept as it came: nothing is copied or allocated for it.
 struct Block {
     stream: u32,
     end_stream: bool,
-    fragments: BytesMut,
+    /// The first frame's fragment, and the fragments joined once a CONTINUATION comes.
+    fragment: Bytes,
+    joined: Option<BytesMut>,
     /// The frames as they came, for a block that passes through unchanged.
-    raw: Vec<Bytes>,
+    first_raw: Bytes,
+    more_raw: Vec<Bytes>,
 }
 
 impl Block {
     fn start(frame: &Frame) -> Result<Self, FrameError> {
-        let fragment = frame.fragment()?;
         Ok(Self {
             stream: frame.stream,
             end_stream: frame.has(frame::END_STREAM),
-            fragments: BytesMut::from(&fragment[..]),
-            raw: vec![frame.raw.clone()],
+            fragment: frame.fragment()?,
+            joined: None,
+            first_raw: frame.raw.clone(),
+            more_raw: Vec::new(),
         })
     }
 
@@ -295,12 +311,23 @@ impl Block {
         if frame.kind != frame::CONTINUATION || frame.stream != self.stream {
             return Err(FrameError::protocol("header block interrupted"));
         }
-        self.fragments.extend_from_slice(&frame.fragment()?);
-        self.raw.push(frame.raw.clone());
-        if self.fragments.len() > MAX_HEADER_LIST {
+        let joined = self
+            .joined
+            .get_or_insert_with(|| BytesMut::from(&self.fragment[..]));
+        joined.extend_from_slice(&frame.fragment()?);
+        self.more_raw.push(frame.raw.clone());
+        if joined.len() > MAX_HEADER_LIST {
             return Err(FrameError::protocol("header block too large"));
         }
         Ok(())
+    }
+
+    /// The whole header block.
+    fn fragments(&mut self) -> Bytes {
+        match self.joined.take() {
+            Some(joined) => joined.freeze(),
+            None => self.fragment.clone(),
+        }
     }
 }
 
@@ -349,14 +376,15 @@ impl Relay {
                             continue;
                         }
                     }
-                    if let Some(complete) = block.take() {
+                    if let Some(mut complete) = block.take() {
                         decoder.set_limit(st.upstream.table_limit);
-                        let fields = decoder.decode(&complete.fragments.freeze()).map_err(|e| {
-                            FrameError {
-                                code: frame::COMPRESSION_ERROR,
-                                what: format!("caller's header block: {e}"),
-                            }
-                        })?;
+                        let fields =
+                            decoder
+                                .decode(&complete.fragments())
+                                .map_err(|e| FrameError {
+                                    code: frame::COMPRESSION_ERROR,
+                                    what: format!("caller's header block: {e}"),
+                                })?;
                         self.caller_headers(&mut st, complete.stream, complete.end_stream, fields);
                     }
                 }
@@ -378,7 +406,7 @@ impl Relay {
                 {
                     if frame.has(frame::END_STREAM) {
                         forwarded.caller_done = true;
-                        self.forget_if_done(st, frame.stream);
+                        st.forget_if_done(frame.stream);
                     }
                     st.to_upstream.extend_from_slice(&frame.raw);
                     return Ok(());
@@ -483,11 +511,9 @@ impl Relay {
                 forwarded.caller_done = true;
             }
             if st.upstream_open {
-                let max_frame = st.upstream.max_frame;
-                let block = encode(&fields);
-                frame::put_headers(&mut st.to_upstream, stream, &block, end_stream, max_frame);
+                encode_for_upstream(st, stream, &fields, end_stream);
             }
-            self.forget_if_done(st, stream);
+            st.forget_if_done(stream);
             return;
         }
         if stream <= st.max_stream || stream.is_multiple_of(2) {
@@ -521,9 +547,7 @@ impl Relay {
             }
             return;
         }
-        let max_frame = st.upstream.max_frame;
-        let block = encode(&fields);
-        frame::put_headers(&mut st.to_upstream, stream, &block, end_stream, max_frame);
+        encode_for_upstream(st, stream, &fields, end_stream);
         st.forwarded.insert(
             stream,
             Forwarded {
@@ -534,16 +558,6 @@ impl Relay {
                 upstream_done: false,
             },
         );
-    }
-
-    fn forget_if_done(&self, st: &mut State, stream: u32) {
-        if st
-            .forwarded
-            .get(&stream)
-            .is_some_and(|f| f.caller_done && f.upstream_done)
-        {
-            st.forwarded.remove(&stream);
-        }
     }
 
     // -- calls answered here
@@ -804,7 +818,7 @@ impl Relay {
                         && let Some(forwarded) = st.forwarded.get_mut(&frame.stream)
                     {
                         forwarded.upstream_done = true;
-                        self.forget_if_done(&mut st, frame.stream);
+                        st.forget_if_done(frame.stream);
                     }
                     return;
                 }
@@ -816,16 +830,17 @@ impl Relay {
     }
 
     /// A header block from the runtime: passed on as it came, and decoded for the metrics.
-    fn upstream_block(&self, block: Block, decoder: &mut Decoder, decoding: &mut bool) {
+    fn upstream_block(&self, mut block: Block, decoder: &mut Decoder, decoding: &mut bool) {
         let mut st = self.lock();
-        for raw in &block.raw {
+        st.to_caller.extend_from_slice(&block.first_raw);
+        for raw in &block.more_raw {
             st.to_caller.extend_from_slice(raw);
         }
         if !*decoding {
             return;
         }
         decoder.set_limit(st.caller.table_limit);
-        let fields = match decoder.decode(&block.fragments.freeze()) {
+        let fields = match decoder.decode(&block.fragments()) {
             Ok(fields) => fields,
             Err(err) => {
                 // The caller decodes the same block and will say so; the relay only loses
@@ -853,7 +868,7 @@ impl Relay {
             if let Some(code) = code {
                 super::count_call(label, code);
             }
-            self.forget_if_done(&mut st, block.stream);
+            st.forget_if_done(block.stream);
         }
     }
 
@@ -1034,12 +1049,21 @@ fn status_block(whole: bool, code: Code, message: &str) -> BytesMut {
     block
 }
 
-fn encode(fields: &[Field]) -> BytesMut {
-    let mut block = BytesMut::with_capacity(256);
+/// Re-encodes a caller's header block for the runtime, into a buffer kept for the purpose.
+fn encode_for_upstream(st: &mut State, stream: u32, fields: &[Field], end_stream: bool) {
+    let mut block = std::mem::take(&mut st.header_block);
+    block.clear();
     for field in fields {
         hpack::encode_field(&mut block, &field.name, &field.value, field.never_indexed);
     }
-    block
+    frame::put_headers(
+        &mut st.to_upstream,
+        stream,
+        &block,
+        end_stream,
+        st.upstream.max_frame,
+    );
+    st.header_block = block;
 }
 
 fn encode_headers(block: &mut BytesMut, headers: &HeaderMap) {

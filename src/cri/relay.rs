@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
@@ -595,9 +594,6 @@ impl Relay {
                     .proxy
                     .clone()
                     .handle(request, relay.admin.clone())
-                    // Boxed: rustc cannot prove the call's future Send in the task otherwise
-                    // (rust-lang/rust#64552, borrowed `&str`s held across awaits).
-                    .boxed()
                     .await
             };
             let runtime_back =

@@ -76,21 +76,13 @@ impl Upstream {
 
     /// Sends `request` to the runtime as it is and returns the runtime's response as it is.
     /// If the runtime cannot be reached, the answer is UNAVAILABLE naming its socket.
-    pub fn forward(
-        &self,
-        request: Request<Body>,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static {
-        // Owns what it uses: a future that borrowed `self` across its awaits trips rustc's
-        // check that the calls' tasks are Send (rust-lang/rust#64552).
-        let forwarder = self.forwarder.clone();
-        async move {
-            match forwarder.forward(request).await {
-                Ok(response) => response,
-                Err(err) => grpc::status_response(
-                    Code::Unavailable,
-                    &unavailable_message(&forwarder.socket, &*err),
-                ),
-            }
+    pub async fn forward(&self, request: Request<Body>) -> Response<Body> {
+        match self.forwarder.forward(request).await {
+            Ok(response) => response,
+            Err(err) => grpc::status_response(
+                Code::Unavailable,
+                &unavailable_message(&self.forwarder.socket, &*err),
+            ),
         }
     }
 

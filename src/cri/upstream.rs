@@ -79,25 +79,18 @@ impl Upstream {
     pub async fn forward(&self, request: Request<Body>) -> Response<Body> {
         match self.forwarder.forward(request).await {
             Ok(response) => response,
-            Err(err) => grpc::status_response(
-                Code::Unavailable,
-                &unavailable_message(&self.forwarder.socket, &*err),
-            ),
+            Err(err) => grpc::status_response(Code::Unavailable, &self.unavailable_message(&*err)),
         }
     }
 
+    /// UNAVAILABLE's message: the socket, the error and its causes.
     pub fn unavailable_message(&self, err: &dyn std::error::Error) -> String {
-        unavailable_message(&self.socket, err)
+        format!(
+            "upstream runtime at {} is unavailable: {}",
+            self.socket.display(),
+            crate::error_chain(err)
+        )
     }
-}
-
-/// UNAVAILABLE's message: the socket, the error and its causes.
-fn unavailable_message(socket: &Path, err: &dyn std::error::Error) -> String {
-    format!(
-        "upstream runtime at {} is unavailable: {}",
-        socket.display(),
-        crate::error_chain(err)
-    )
 }
 
 /// The forwarding connection to the runtime: one HTTP/2 connection, as kubelet keeps one,

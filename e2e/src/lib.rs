@@ -135,6 +135,197 @@ pub fn nix_cri_bin() -> PathBuf {
     .clone()
 }
 
+/// `e2e/grpc-go`'s `cri-caller`: CRI calls made with grpc-go, the gRPC library kubelet uses,
+/// dialled as kubelet dials. Built once per test process from Debian's Go and grpc-go packages
+/// (GOPATH mode: Debian ships the sources in /usr/share/gocode, and no module proxy is reached).
+pub fn grpc_go_caller() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        require_tool("go");
+        let out = workspace().join("target/grpc-go");
+        std::fs::create_dir_all(&out).expect("create target/grpc-go");
+        let bin = out.join("cri-caller");
+        run(Command::new("go")
+            .args(["build", "-o"])
+            .arg(&bin)
+            .arg(".")
+            .current_dir(workspace().join("e2e/grpc-go"))
+            .env("GO111MODULE", "off")
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GOCACHE", out.join("cache"))
+            .env("GOFLAGS", ""))
+        .expect("build e2e/grpc-go (hack/setup installs golang-go and golang-google-grpc-dev)");
+        bin
+    })
+    .clone()
+}
+
+/// One call of a [`GrpcGoCaller`] round, made `times` times at once.
+#[derive(Clone, Debug, Default)]
+pub struct GoCall {
+    pub method: String,
+    pub request: Vec<u8>,
+    pub times: usize,
+    /// A bidirectional stream that sends `request` this many times, when not 0.
+    pub sends: usize,
+    pub server_stream: bool,
+    /// The call's deadline, which grpc-go sends as `grpc-timeout`; none when 0.
+    pub timeout_ms: u64,
+    /// Return the messages themselves (`GoMessage::data`), not only their hashes.
+    pub keep: bool,
+}
+
+impl GoCall {
+    pub fn unary(method: &str, request: &[u8], times: usize) -> Self {
+        Self {
+            method: method.into(),
+            request: request.to_vec(),
+            times,
+            ..Self::default()
+        }
+    }
+}
+
+/// What grpc-go saw of one call: its status and the messages it received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoResult {
+    pub code: u32,
+    pub message: String,
+    pub messages: Vec<GoMessage>,
+}
+
+/// One message a call received: its length and sha256 (hex), and itself if the call kept it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoMessage {
+    pub len: usize,
+    pub sha256: String,
+    pub data: Option<Vec<u8>>,
+}
+
+impl GoResult {
+    /// How an OK call that received exactly `messages`, and did not keep them, is seen.
+    pub fn ok(messages: &[&[u8]]) -> Self {
+        Self {
+            code: 0,
+            message: String::new(),
+            messages: messages
+                .iter()
+                .map(|m| GoMessage {
+                    len: m.len(),
+                    sha256: sha256_hex(m),
+                    data: None,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn from_hex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("cri-caller writes hex"))
+        .collect()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A grpc-go client connection to a CRI socket, as kubelet holds one, driven a round at a time.
+pub struct GrpcGoCaller {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl GrpcGoCaller {
+    /// Dials `socket` (grpc-go waits for the connection, as `WithBlock` does).
+    pub fn connect(socket: &Path) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(grpc_go_caller())
+            .arg(socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start cri-caller");
+        let stdin = child.stdin.take().expect("cri-caller's stdin");
+        let stdout = child.stdout.take().expect("cri-caller's stdout");
+        Self {
+            child,
+            stdin,
+            stdout: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// Makes every call of `calls` at once on the one connection; returns, for each, the
+    /// results of its copies.
+    pub async fn round(&mut self, calls: &[GoCall]) -> Vec<Vec<GoResult>> {
+        use tokio::io::AsyncWriteExt;
+        let round: Vec<Value> = calls
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "method": c.method,
+                    "request": c.request.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                    "times": c.times,
+                    "sends": c.sends,
+                    "server_stream": c.server_stream,
+                    "timeout_ms": c.timeout_ms,
+                    "keep": c.keep,
+                })
+            })
+            .collect();
+        let mut line = serde_json::to_vec(&round).expect("encode a round");
+        line.push(b'\n');
+        self.stdin
+            .write_all(&line)
+            .await
+            .expect("write to cri-caller");
+        let answer = tokio::time::timeout(Duration::from_secs(120), self.stdout.next_line())
+            .await
+            .expect("cri-caller answers a round within two minutes")
+            .expect("read cri-caller's output");
+        let Some(answer) = answer else {
+            let status = self.child.wait().await;
+            panic!("cri-caller ended without answering: {status:?}");
+        };
+        let answer: Value = serde_json::from_str(&answer).expect("cri-caller writes JSON");
+        let results = |call: &Value| -> Vec<GoResult> {
+            call.as_array()
+                .expect("results of a call")
+                .iter()
+                .map(|r| GoResult {
+                    code: r["code"].as_u64().expect("code") as u32,
+                    message: r["message"].as_str().unwrap_or_default().to_owned(),
+                    messages: r["messages"]
+                        .as_array()
+                        .map(|m| {
+                            m.iter()
+                                .map(|m| GoMessage {
+                                    len: m["len"].as_u64().expect("len") as usize,
+                                    sha256: m["sha256"].as_str().expect("sha256").to_owned(),
+                                    data: m["data"].as_str().map(from_hex),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect()
+        };
+        answer
+            .as_array()
+            .expect("one result list a call")
+            .iter()
+            .map(results)
+            .collect()
+    }
+}
+
 /// Runs a command, returning its output; fails with the command line and stderr if it fails.
 pub fn run(command: &mut Command) -> anyhow::Result<Output> {
     let output = command

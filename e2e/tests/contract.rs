@@ -137,7 +137,12 @@ async fn script(path: &str, body: &Bytes) -> Response<Body> {
         }
         "/runtime.v1.RuntimeService/StopContainer" => {
             // A trailers-only error with rich details, as grpc-go sends it.
-            let mut response = grpc_response(frames(vec![]));
+            // An empty body that says so: HEADERS with END_STREAM, no DATA frame.
+            let mut response = grpc_response(
+                http_body_util::Empty::new()
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            );
             let headers = response.headers_mut();
             headers.insert("grpc-status", HeaderValue::from_static("9"));
             headers.insert(
@@ -149,6 +154,14 @@ async fn script(path: &str, body: &Bytes) -> Response<Body> {
                 HeaderValue::from_static("CAkSBGJ1c3k"),
             );
             response
+        }
+        // A runtime that takes its time: for deadlines.
+        "/test.Slow/Sleep" => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            grpc_response(frames(vec![
+                Frame::data(body.clone()),
+                Frame::trailers(ok_trailers()),
+            ]))
         }
         // Everything else: echo the request's message back.
         _ => grpc_response(frames(vec![
@@ -926,6 +939,145 @@ async fn one_connection_interleaves_answered_and_forwarded_calls_of_any_size() {
     )
     .await;
     assert_eq!(body, wire::frame(b"\x0a\x02v1"));
+}
+
+/// kubelet's own gRPC library as the caller, on one connection as kubelet keeps one. Unlike
+/// Rust's h2, grpc-go indexes its headers in HPACK's dynamic table, grows its windows from BDP
+/// pings (SETTINGS and WINDOW_UPDATEs mid-connection), and ends a call past its deadline with
+/// RST_STREAM. Forwarded and answered calls, small and large, unary and streaming, share it.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubelets_grpc_go_client_works_through_the_relay() {
+    use nix_cri_e2e::{GoCall, GoResult, GrpcGoCaller};
+    const VERSION: &str = "/runtime.v1.RuntimeService/Version";
+    const LIST_IMAGES: &str = "/runtime.v1.ImageService/ListImages";
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+    let mut kubelet = GrpcGoCaller::connect(&proxy.socket);
+    let list_images = |image: String| {
+        cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter {
+                image: Some(cri::ImageSpec {
+                    image,
+                    ..Default::default()
+                }),
+            }),
+        }
+        .encode_to_vec()
+    };
+
+    // Many small calls at once: forwarded, answered here (ListImages is read and re-framed,
+    // a bad nix: pull is refused), and the runtime's own error.
+    let version = b"\x0a\x02v1";
+    let small_list = list_images("busybox".into());
+    let bad_pull = cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: "nix:0/nix/store/short-x".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let results = kubelet
+        .round(&[
+            GoCall::unary(VERSION, version, 64),
+            GoCall::unary(LIST_IMAGES, &small_list, 8),
+            GoCall::unary("/runtime.v1.RuntimeService/StopContainer", b"", 4),
+            GoCall::unary("/runtime.v1.ImageService/PullImage", &bad_pull, 2),
+        ])
+        .await;
+    assert!(results[0].iter().all(|r| *r == GoResult::ok(&[version])));
+    assert!(
+        results[1]
+            .iter()
+            .all(|r| *r == GoResult::ok(&[&small_list]))
+    );
+    for stop in &results[2] {
+        // grpc-go takes the status from grpc-status-details-bin when there is one.
+        assert_eq!((stop.code, stop.message.as_str()), (9, "busy"));
+    }
+    for pull in &results[3] {
+        assert_eq!(pull.code, 3, "{pull:?}");
+        assert!(pull.message.contains("nix:0/nix/store/short-x"), "{pull:?}");
+    }
+
+    // Large messages both ways, past every initial window: forwarded and answered unary
+    // calls, a bidirectional stream and a server stream, at once.
+    let large: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let large_list = list_images(format!("big:{}", "l".repeat(3 << 20)));
+    let chunk: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    let results = kubelet
+        .round(&[
+            GoCall::unary("/runtime.v1.RuntimeService/ExecSync", &large, 4),
+            GoCall::unary(LIST_IMAGES, &large_list, 2),
+            GoCall {
+                sends: 16,
+                ..GoCall::unary("/test.Stream/Echo", &chunk, 2)
+            },
+            GoCall {
+                server_stream: true,
+                ..GoCall::unary("/runtime.v1.RuntimeService/GetContainerEvents", b"", 2)
+            },
+        ])
+        .await;
+    assert!(results[0].iter().all(|r| *r == GoResult::ok(&[&large])));
+    assert!(
+        results[1]
+            .iter()
+            .all(|r| *r == GoResult::ok(&[&large_list]))
+    );
+    let echoes = vec![&chunk[..]; 16];
+    assert!(results[2].iter().all(|r| *r == GoResult::ok(&echoes)));
+    let events: Vec<Vec<u8>> = ["c1", "c2", "c3"]
+        .into_iter()
+        .map(|id| {
+            cri::ContainerEventResponse {
+                container_id: id.into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    let events: Vec<&[u8]> = events.iter().map(Vec::as_slice).collect();
+    assert!(results[3].iter().all(|r| *r == GoResult::ok(&events)));
+
+    // A deadline: grpc-go sends it as grpc-timeout and, past it, resets the stream; the
+    // connection goes on serving.
+    let results = kubelet
+        .round(&[
+            GoCall {
+                timeout_ms: 300,
+                ..GoCall::unary("/test.Slow/Sleep", b"late", 2)
+            },
+            GoCall::unary(VERSION, version, 1),
+        ])
+        .await;
+    for late in &results[0] {
+        assert_eq!(late.code, 4, "DEADLINE_EXCEEDED: {late:?}");
+    }
+    assert_eq!(results[1], [GoResult::ok(&[version])]);
+    let results = kubelet.round(&[GoCall::unary(VERSION, version, 4)]).await;
+    assert!(results[0].iter().all(|r| *r == GoResult::ok(&[version])));
+
+    // What the runtime got: grpc-go's own headers, read back from its HPACK table and written
+    // again, on every forwarded call; none of the calls answered here.
+    let received = upstream.received.lock().unwrap().clone();
+    let versions: Vec<_> = received.iter().filter(|r| r.path == VERSION).collect();
+    assert_eq!(versions.len(), 64 + 1 + 4);
+    for call in &versions {
+        let header = |name: &str| call.headers.get(name).and_then(|v| v.to_str().ok());
+        assert!(
+            header("user-agent").is_some_and(|a| a.starts_with("grpc-go/")),
+            "{call:?}"
+        );
+        assert_eq!(header("content-type"), Some("application/grpc"));
+        assert_eq!(header("te"), Some("trailers"));
+    }
+    let sleep = received
+        .iter()
+        .find(|r| r.path == "/test.Slow/Sleep")
+        .unwrap();
+    assert!(sleep.headers.contains_key("grpc-timeout"), "{sleep:?}");
+    assert!(!received.iter().any(|r| r.path.ends_with("/PullImage")));
 }
 
 /// Reads frames (type, flags, stream, payload) from a raw HTTP/2 connection until it closes.

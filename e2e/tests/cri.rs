@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use nix_cri_e2e::containerd::{Containerd, image_client, image_spec, remove_pod, runtime_client};
-use nix_cri_e2e::{CacheServer, NixCriServer, fixtures, http_get, nix_command, run};
+use nix_cri_e2e::{
+    CacheServer, GoCall, GoResult, GrpcGoCaller, NixCriServer, fixtures, http_get, nix_command, run,
+};
+use prost::Message;
 
 const POD_UID: &str = "0b6a1c8e-nix-cri-e2e";
 
@@ -365,6 +368,84 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
             .unwrap()
             .contains("ordinary-ok")
     );
+
+    // kubelet's own gRPC library, grpc-go, through nix-cri to containerd's grpc-go server:
+    // forwarded answers are what containerd gives the same client directly, a 2 MB ExecSync
+    // answer included (past the initial windows, with grpc-go's BDP pings). Exact bytes where
+    // containerd's are stable; decoded where it writes maps in Go's random order.
+    let exec_large = cri::ExecSyncRequest {
+        container_id: shell.clone(),
+        cmd: vec![
+            sh.clone(),
+            "-c".into(),
+            "head -c 2000000 /dev/zero | tr '\\0' a".into(),
+        ],
+        timeout: 20,
+    }
+    .encode_to_vec();
+    let of_pod = cri::ListContainersRequest {
+        filter: Some(cri::ContainerFilter {
+            pod_sandbox_id: sandbox.clone(),
+            ..Default::default()
+        }),
+    }
+    .encode_to_vec();
+    let hello_status = cri::ContainerStatusRequest {
+        container_id: hello.clone(),
+        verbose: false,
+    }
+    .encode_to_vec();
+    let kept = |call: GoCall| GoCall { keep: true, ..call };
+    let calls = [
+        GoCall::unary("/runtime.v1.RuntimeService/Version", b"\x0a\x02v1", 16),
+        GoCall::unary("/runtime.v1.RuntimeService/ExecSync", &exec_large, 2),
+        kept(GoCall::unary(
+            "/runtime.v1.RuntimeService/ListContainers",
+            &of_pod,
+            4,
+        )),
+        kept(GoCall::unary(
+            "/runtime.v1.RuntimeService/ContainerStatus",
+            &hello_status,
+            4,
+        )),
+    ];
+    let direct = GrpcGoCaller::connect(containerd.socket())
+        .round(&calls)
+        .await;
+    let proxied = GrpcGoCaller::connect(&nix_cri.socket).round(&calls).await;
+    let answers = |call: usize| -> Vec<GoResult> {
+        let all: Vec<GoResult> = direct[call].iter().chain(&proxied[call]).cloned().collect();
+        assert!(
+            all.iter().all(|r| r.code == 0 && r.messages.len() == 1),
+            "{}: {all:?}",
+            calls[call].method
+        );
+        all
+    };
+    for call in [0, 1] {
+        let all = answers(call);
+        assert!(
+            all.iter().all(|r| *r == all[0]),
+            "{}: {all:?}",
+            calls[call].method
+        );
+    }
+    let exec_answer = &direct[1][0].messages[0];
+    assert!(exec_answer.len > 2_000_000, "{exec_answer:?}");
+    fn decoded<M: Message + Default>(all: &[GoResult]) -> Vec<M> {
+        all.iter()
+            .map(|r| M::decode(r.messages[0].data.as_deref().unwrap_or_default()).unwrap())
+            .collect()
+    }
+    let mut listed: Vec<cri::ListContainersResponse> = decoded(&answers(2));
+    for list in &mut listed {
+        list.containers.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    assert_eq!(listed[0].containers.len(), 3);
+    assert!(listed.iter().all(|l| *l == listed[0]), "{listed:?}");
+    let statuses: Vec<cri::ContainerStatusResponse> = decoded(&answers(3));
+    assert!(statuses.iter().all(|s| *s == statuses[0]), "{statuses:?}");
 
     // The closure is held by the image and by each container.
     let roots_dir = nix_cri.root.join("nix/var/nix/gcroots/nix-cri");

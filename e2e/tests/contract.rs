@@ -1082,9 +1082,17 @@ async fn kubelets_grpc_go_client_works_through_the_relay() {
 
 /// Reads frames (type, flags, stream, payload) from a raw HTTP/2 connection until it closes.
 async fn frames_until_closed(stream: &mut tokio::net::UnixStream) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    frames_within(stream, Duration::from_secs(10)).await
+}
+
+/// Reads frames from a raw HTTP/2 connection until it closes or `wait` is over.
+async fn frames_within(
+    stream: &mut tokio::net::UnixStream,
+    wait: Duration,
+) -> Vec<(u8, u8, u32, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
     let mut bytes = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes)).await;
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut bytes)).await;
     let mut frames = Vec::new();
     let mut at = 0;
     while at + 9 <= bytes.len() {
@@ -1183,5 +1191,48 @@ async fn bad_http2_from_a_caller_is_a_goaway_that_says_why() {
             .unwrap()
             .iter()
             .all(|r| r.path == "/runtime.v1.RuntimeService/Version")
+    );
+}
+
+/// Calls nix-cri answers hold a task and their request each: one connection may have 200 open
+/// at once, and the next is refused with REFUSED_STREAM (not started; grpc-go retries it),
+/// while the connection and its open calls go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn answered_calls_open_at_once_are_capped_per_connection() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+    let mut stream = tokio::net::UnixStream::connect(&proxy.socket)
+        .await
+        .unwrap();
+    // ListImages, answered here. Fields: static-table :method POST and :scheme http, then
+    // literals without indexing for :path, :authority and content-type (RFC 7541 §6.2.2).
+    let path = b"/runtime.v1.ImageService/ListImages";
+    let mut block = vec![0x83, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, 0x01, b'x', 0x0f, 0x10, 16]);
+    block.extend_from_slice(b"application/grpc");
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(raw_frame(0x4, 0, 0, &[]));
+    // 201 requests whose bodies never end, so that none is answered.
+    for i in 0..201u32 {
+        bytes.extend(raw_frame(0x1, 0x4, 2 * i + 1, &block));
+    }
+    stream.write_all(&bytes).await.unwrap();
+    let frames = frames_within(&mut stream, Duration::from_secs(2)).await;
+    let resets: Vec<_> = frames.iter().filter(|f| f.0 == 0x3).collect();
+    assert_eq!(resets.len(), 1, "{resets:?}");
+    assert_eq!(resets[0].2, 401, "the 201st call is the one refused");
+    assert_eq!(resets[0].3, 7u32.to_be_bytes(), "REFUSED_STREAM");
+    assert!(!frames.iter().any(|f| f.0 == 0x7), "no GOAWAY: {frames:?}");
+
+    // An open call still completes: its (empty) message, then END_STREAM.
+    let mut end = raw_frame(0x0, 0, 1, &[0, 0, 0, 0, 0]);
+    end.extend(raw_frame(0x0, 0x1, 1, &[]));
+    stream.write_all(&end).await.unwrap();
+    let frames = frames_within(&mut stream, Duration::from_secs(2)).await;
+    assert!(
+        frames.iter().any(|f| f.0 == 0x1 && f.2 == 1),
+        "call 1 answered: {frames:?}"
     );
 }

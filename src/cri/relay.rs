@@ -215,6 +215,13 @@ impl State {
     }
 }
 
+/// How many calls answered here one caller connection may have open at once: what the h2
+/// server before the relay advertised as its SETTINGS_MAX_CONCURRENT_STREAMS. Each holds a task
+/// and its request body. Past it, a new one is refused with REFUSED_STREAM, which tells the
+/// caller the call was not started (grpc-go retries it). Forwarded calls are the runtime's
+/// to limit, by the SETTINGS it sends the caller.
+const MAX_ANSWERS: usize = 200;
+
 /// What a peer's SETTINGS told the relay: how large its frames and its HPACK table may be
 /// (for what the relay sends it, and for decoding what the other side's encoder sends it), and
 /// its streams' initial receive window (for the answers the relay sends it).
@@ -536,6 +543,10 @@ impl Relay {
             .map(|f| f.value.clone())
             .unwrap_or_default();
         let answered_here = super::answered_here(&path);
+        if (answered_here || !st.forwarding) && st.answers.len() >= MAX_ANSWERS {
+            frame::put_rst_stream(&mut st.to_caller, stream, frame::REFUSED_STREAM);
+            return;
+        }
         if answered_here || !st.forwarding {
             // Without the spliced runtime connection, calls go through nix-cri's own client
             // connection to the runtime, which reconnects when the runtime is back.

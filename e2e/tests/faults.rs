@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use nix_cri::cache::{BinaryCacheClient, FetchConfig, SubstituterUrl};
 use nix_cri::nix::{NarInfo, StorePath, TrustedKeys, VerifyingKey};
 use nix_cri::store::{Store, Substituter, SubstituterConfig, Wanted};
-use nix_cri_e2e::{CacheServer, Fault, fixtures, nix_command, nix_cri_bin, run};
+use nix_cri_e2e::{
+    CacheServer, Fault, GoCall, GrpcGoCaller, fixtures, nix_command, nix_cri_bin, run,
+};
 
 fn pull_command(root: &Path, url: &str, path: &str) -> Command {
     let mut command = Command::new(nix_cri_bin());
@@ -305,6 +307,11 @@ async fn containerd_restarting_under_a_live_nix_cri_is_unavailable_then_recovers
         .version(cri::VersionRequest::default())
         .await
         .unwrap();
+    // kubelet's own client too, grpc-go, its one connection kept throughout.
+    let version = GoCall::unary("/runtime.v1.RuntimeService/Version", b"\x0a\x02v1", 4);
+    let mut kubelet = GrpcGoCaller::connect(&nix_cri.socket);
+    let results = kubelet.round(std::slice::from_ref(&version)).await;
+    assert!(results[0].iter().all(|r| r.code == 0), "{results:?}");
 
     containerd.kill();
     for _ in 0..3 {
@@ -320,6 +327,12 @@ async fn containerd_restarting_under_a_live_nix_cri_is_unavailable_then_recovers
             "the message names the socket: {}",
             status.message()
         );
+    }
+    let results = kubelet.round(std::slice::from_ref(&version)).await;
+    for result in &results[0] {
+        assert_eq!(result.code, 14, "UNAVAILABLE: {result:?}");
+        let socket = containerd.socket().display().to_string();
+        assert!(result.message.contains(&socket), "{result:?}");
     }
     let (status, body) = nix_cri_e2e::http_get(nix_cri.metrics, "/readyz").unwrap();
     assert_eq!(status, 503, "{body}");
@@ -341,6 +354,24 @@ async fn containerd_restarting_under_a_live_nix_cri_is_unavailable_then_recovers
         nix_cri_e2e::http_get(nix_cri.metrics, "/readyz").unwrap().0,
         200
     );
+    // grpc-go recovers on the same client: the calls that still meet the dead runtime are
+    // UNAVAILABLE, then all succeed, across the GOAWAY that moves it to a relayed connection.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut good_rounds = 0;
+    while good_rounds < 3 {
+        let results = kubelet.round(std::slice::from_ref(&version)).await;
+        if results[0].iter().all(|r| r.code == 0) {
+            good_rounds += 1;
+        } else {
+            assert!(good_rounds == 0, "a failure after recovery: {results:?}");
+            assert!(
+                results[0].iter().all(|r| r.code == 0 || r.code == 14),
+                "{results:?}"
+            );
+            assert!(Instant::now() < deadline, "no recovery: {results:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let pulled = image_client(&nix_cri.socket)
         .await
         .unwrap()

@@ -1205,13 +1205,7 @@ async fn answered_calls_open_at_once_are_capped_per_connection() {
     let mut stream = tokio::net::UnixStream::connect(&proxy.socket)
         .await
         .unwrap();
-    // ListImages, answered here. Fields: static-table :method POST and :scheme http, then
-    // literals without indexing for :path, :authority and content-type (RFC 7541 §6.2.2).
-    let path = b"/runtime.v1.ImageService/ListImages";
-    let mut block = vec![0x83, 0x86, 0x04, path.len() as u8];
-    block.extend_from_slice(path);
-    block.extend_from_slice(&[0x01, 0x01, b'x', 0x0f, 0x10, 16]);
-    block.extend_from_slice(b"application/grpc");
+    let block = list_images_block();
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     bytes.extend(raw_frame(0x4, 0, 0, &[]));
     // 201 requests whose bodies never end, so that none is answered.
@@ -1234,5 +1228,63 @@ async fn answered_calls_open_at_once_are_capped_per_connection() {
     assert!(
         frames.iter().any(|f| f.0 == 0x1 && f.2 == 1),
         "call 1 answered: {frames:?}"
+    );
+}
+
+/// The request header block of a ListImages call (answered here), in the simplest HPACK:
+/// static-table :method POST and :scheme http, then literals without indexing for :path,
+/// :authority and content-type (RFC 7541 §6.2.2), so it reads the same on any connection.
+fn list_images_block() -> Vec<u8> {
+    let path = b"/runtime.v1.ImageService/ListImages";
+    let mut block = vec![0x83, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, 0x01, b'x', 0x0f, 0x10, 16]);
+    block.extend_from_slice(b"application/grpc");
+    block
+}
+
+/// A caller's SETTINGS_INITIAL_WINDOW_SIZE changes the window of the streams already open
+/// (RFC 9113 §6.9.2), those nix-cri answers included: an answer held back by a window of 0
+/// goes out once the caller's SETTINGS open it, with no WINDOW_UPDATE for the stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callers_new_initial_window_reaches_the_answers_under_way() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(&upstream.socket).await;
+    let mut stream = tokio::net::UnixStream::connect(&proxy.socket)
+        .await
+        .unwrap();
+    let initial_window = |size: u32| {
+        let mut setting = 4u16.to_be_bytes().to_vec();
+        setting.extend_from_slice(&size.to_be_bytes());
+        raw_frame(0x4, 0, 0, &setting)
+    };
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(initial_window(0));
+    bytes.extend(raw_frame(0x1, 0x4, 1, &list_images_block()));
+    bytes.extend(raw_frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0]));
+    stream.write_all(&bytes).await.unwrap();
+    let frames = frames_within(&mut stream, Duration::from_secs(2)).await;
+    assert!(
+        frames.iter().any(|f| f.0 == 0x1 && f.2 == 1),
+        "the answer's headers are not flow-controlled: {frames:?}"
+    );
+    assert!(
+        !frames.iter().any(|f| f.0 == 0x0 && f.2 == 1),
+        "no DATA into a window of 0: {frames:?}"
+    );
+    stream.write_all(&initial_window(65_535)).await.unwrap();
+    let frames = frames_within(&mut stream, Duration::from_secs(2)).await;
+    let data: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.0 == 0x0 && f.2 == 1)
+        .flat_map(|f| f.3.clone())
+        .collect();
+    assert_eq!(data, [0, 0, 0, 0, 0], "the empty image list: {frames:?}");
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.0 == 0x1 && f.2 == 1 && f.1 & 0x1 != 0),
+        "then the trailers end the call: {frames:?}"
     );
 }

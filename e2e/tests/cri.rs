@@ -433,9 +433,13 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
     }
     let exec_answer = &direct[1][0].messages[0];
     assert!(exec_answer.len > 2_000_000, "{exec_answer:?}");
+    /// Each call's one message, decoded; every call must have succeeded with one.
     fn decoded<M: Message + Default>(all: &[GoResult]) -> Vec<M> {
         all.iter()
-            .map(|r| M::decode(r.messages[0].data.as_deref().unwrap_or_default()).unwrap())
+            .map(|r| match (r.code, &r.messages[..]) {
+                (0, [message]) => M::decode(message.data.as_deref().unwrap_or_default()).unwrap(),
+                _ => panic!("not one message: {r:?}"),
+            })
             .collect()
     }
     let mut listed: Vec<cri::ListContainersResponse> = decoded(&answers(2));
@@ -446,6 +450,41 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
     assert!(listed.iter().all(|l| *l == listed[0]), "{listed:?}");
     let statuses: Vec<cri::ContainerStatusResponse> = decoded(&answers(3));
     assert!(statuses.iter().all(|s| *s == statuses[0]), "{statuses:?}");
+    // And the calls nix-cri answers itself: grpc-go gets what tonic gets.
+    let nix_status = cri::ImageStatusRequest {
+        image: image_spec(&pod_image),
+        verbose: true,
+    };
+    let answered = [
+        kept(GoCall::unary(
+            "/runtime.v1.ImageService/ImageStatus",
+            &nix_status.encode_to_vec(),
+            4,
+        )),
+        kept(GoCall::unary("/runtime.v1.ImageService/ListImages", b"", 2)),
+    ];
+    let results = GrpcGoCaller::connect(&nix_cri.socket)
+        .round(&answered)
+        .await;
+    let want_status = images.image_status(nix_status).await.unwrap().into_inner();
+    let got: Vec<cri::ImageStatusResponse> = decoded(&results[0]);
+    assert!(got.iter().all(|s| *s == want_status), "{got:?}");
+    let sorted = |mut list: cri::ListImagesResponse| {
+        list.images.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    };
+    let want_list = sorted(
+        images
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let got: Vec<cri::ListImagesResponse> = decoded(&results[1]);
+    assert!(
+        got.into_iter().all(|l| sorted(l) == want_list),
+        "{results:?}"
+    );
 
     // The closure is held by the image and by each container.
     let roots_dir = nix_cri.root.join("nix/var/nix/gcroots/nix-cri");

@@ -33,7 +33,9 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use nix_cri::image::oci::sha256_digest;
 use nix_cri_e2e::containerd::{Containerd, image_client, image_spec, remove_pod, runtime_client};
-use nix_cri_e2e::{CacheServer, NixCriServer, ServeOptions, nix_cri_bin, workspace};
+use nix_cri_e2e::{
+    CacheServer, GoCall, GrpcGoCaller, NixCriServer, ServeOptions, nix_cri_bin, workspace,
+};
 use serde_json::{Value, json};
 
 /// Longest any child process (a pull, `nix copy`, the floor) may run.
@@ -1018,17 +1020,63 @@ async fn forwarding(
         ("direct", containerd.socket().to_owned()),
         ("nix-cri", serve.socket.clone()),
     ];
-    // One connection per target, as kubelet keeps one; warm both up.
+    // One connection per target, as kubelet keeps one; warm both up. The same again with
+    // grpc-go, kubelet's own gRPC library (e2e/grpc-go), measured in turn with the Rust client.
     let mut clients = HashMap::new();
+    let mut go_clients = HashMap::new();
+    let version = GoCall::unary("/runtime.v1.RuntimeService/Version", &[], 200);
     for (name, socket) in &targets {
         let mut client = runtime_client(socket).await?;
         for _ in 0..200 {
             client.version(cri::VersionRequest::default()).await?;
         }
         clients.insert(*name, client);
+        let mut go = GrpcGoCaller::connect(socket);
+        if let Some(failed) = go.round(std::slice::from_ref(&version)).await[0]
+            .iter()
+            .find(|r| r.code != 0)
+        {
+            bail!("grpc-go's Version through {name}: {failed:?}");
+        }
+        go_clients.insert(*name, go);
     }
+    let mut go_out: HashMap<String, HashMap<String, Vec<Value>>> = HashMap::new();
     for run in 0..b.o.runs {
         for callers in [1usize, 16, 64] {
+            for (name, _) in &targets {
+                let go = go_clients
+                    .get_mut(name)
+                    .context("a grpc-go client per target")?;
+                let round = GoCall {
+                    loop_ms: point.as_millis() as u64,
+                    ..GoCall::unary("/runtime.v1.RuntimeService/Version", &[], callers)
+                };
+                let mut all = Vec::new();
+                for result in &go.round(&[round]).await[0] {
+                    if result.code != 0 {
+                        bail!("grpc-go's Version failed through {name}: {result:?}");
+                    }
+                    all.extend(&result.latencies_us);
+                }
+                all.sort_by(f64::total_cmp);
+                let v = json!({"p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
+                               "calls_per_s": all.len() as f64 / point.as_secs_f64(), "calls": all.len()});
+                if run == 0 || callers == 64 {
+                    say(format!(
+                        "  run {} {callers:>2} callers {name:<8} p50 {:>7.0} µs p99 {:>7.0} µs {:>7.0}/s (grpc-go)",
+                        run + 1,
+                        v["p50_us"].as_f64().unwrap_or(0.0),
+                        v["p99_us"].as_f64().unwrap_or(0.0),
+                        v["calls_per_s"].as_f64().unwrap_or(0.0)
+                    ));
+                }
+                go_out
+                    .entry(callers.to_string())
+                    .or_default()
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(v);
+            }
             for (name, _) in &targets {
                 let client = clients[name].clone();
                 let deadline = Instant::now() + point;
@@ -1081,6 +1129,7 @@ async fn forwarding(
         }
     }
     b.results.insert("forwarding".into(), json!({"call": "RuntimeService/Version", "point_seconds": point.as_secs_f64(), "points": out}));
+    b.results.insert("forwarding_grpc_go".into(), json!({"call": "RuntimeService/Version", "point_seconds": point.as_secs_f64(), "points": go_out}));
     Ok(())
 }
 

@@ -44,6 +44,9 @@ type call struct {
 	TimeoutMs int `json:"timeout_ms"`
 	// Keep asks for the messages themselves, in hex, besides their hashes.
 	Keep bool `json:"keep"`
+	// LoopMs, when set, makes each copy repeat the unary call for that long, one call after
+	// another, for the benchmarks: its result is then the first failure, or the latencies.
+	LoopMs int `json:"loop_ms"`
 }
 
 type message struct {
@@ -56,6 +59,8 @@ type result struct {
 	Code     uint32    `json:"code"`
 	Message  string    `json:"message"`
 	Messages []message `json:"messages"`
+	// Each call's latency in microseconds, for LoopMs.
+	LatenciesUs []float64 `json:"latencies_us,omitempty"`
 }
 
 // rawCodec passes messages through as bytes: the tests build and check them.
@@ -94,6 +99,9 @@ func run(conn *grpc.ClientConn, c call) result {
 	if err != nil {
 		return result{Code: uint32(codes.InvalidArgument), Message: "cri-caller: request is not hex: " + err.Error()}
 	}
+	if c.LoopMs > 0 {
+		return loop(conn, c, request)
+	}
 	ctx := context.Background()
 	if c.TimeoutMs > 0 {
 		var cancel context.CancelFunc
@@ -120,6 +128,24 @@ func run(conn *grpc.ClientConn, c call) result {
 	s := status.Convert(err)
 	out.Code = uint32(s.Code())
 	out.Message = s.Message()
+	return out
+}
+
+func loop(conn *grpc.ClientConn, c call, request []byte) result {
+	var out result
+	codec := grpc.ForceCodec(rawCodec{})
+	var response []byte
+	deadline := time.Now().Add(time.Duration(c.LoopMs) * time.Millisecond)
+	for time.Now().Before(deadline) {
+		started := time.Now()
+		if err := conn.Invoke(context.Background(), c.Method, &request, &response, codec); err != nil {
+			s := status.Convert(err)
+			out.Code = uint32(s.Code())
+			out.Message = s.Message()
+			return out
+		}
+		out.LatenciesUs = append(out.LatenciesUs, float64(time.Since(started).Nanoseconds())/1e3)
+	}
 	return out
 }
 

@@ -173,6 +173,9 @@ pub struct GoCall {
     pub timeout_ms: u64,
     /// Return the messages themselves (`GoMessage::data`), not only their hashes.
     pub keep: bool,
+    /// Repeat the (unary) call for this long in each copy, one call after another, and return
+    /// the latencies (`GoResult::latencies_us`): for the benchmarks.
+    pub loop_ms: u64,
 }
 
 impl GoCall {
@@ -187,11 +190,13 @@ impl GoCall {
 }
 
 /// What grpc-go saw of one call: its status and the messages it received.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GoResult {
     pub code: u32,
     pub message: String,
     pub messages: Vec<GoMessage>,
+    /// With `GoCall::loop_ms`: each call's latency, in µs.
+    pub latencies_us: Vec<f64>,
 }
 
 /// One message a call received: its length and sha256 (hex), and itself if the call kept it.
@@ -216,6 +221,7 @@ impl GoResult {
                     data: None,
                 })
                 .collect(),
+            latencies_us: Vec::new(),
         }
     }
 }
@@ -277,6 +283,7 @@ impl GrpcGoCaller {
                     "server_stream": c.server_stream,
                     "timeout_ms": c.timeout_ms,
                     "keep": c.keep,
+                    "loop_ms": c.loop_ms,
                 })
             })
             .collect();
@@ -313,6 +320,10 @@ impl GrpcGoCaller {
                                 })
                                 .collect()
                         })
+                        .unwrap_or_default(),
+                    latencies_us: r["latencies_us"]
+                        .as_array()
+                        .map(|l| l.iter().filter_map(Value::as_f64).collect())
                         .unwrap_or_default(),
                 })
                 .collect()

@@ -476,6 +476,14 @@ def notes(rep, goals):
           f"answer's header blocks for the per-method metrics; a perf profile puts over half of "
           f"nix-cri's CPU time in the kernel's socket and epoll paths. Measured here: "
           f"{added:+.0f} µs at p50 for one caller.")
+        go = r.get("forwarding_grpc_go")
+        if go and "1" in go["points"] and "64" in go["points"]:
+            g1, g64 = forwarding_points(go)["1"], forwarding_points(go)["64"]
+            w(f"With grpc-go as the caller, {g1[1]:+.0f} µs and {g64[2]:.0%} of the direct rate "
+              f"at 64 callers. One difference from the direct path: grpc-go's encoder indexes "
+              f"its headers, so direct to containerd its requests are mostly references into "
+              f"HPACK's table, while through nix-cri they arrive as literals that containerd "
+              f"decodes in full on every call. How much of the gap that is was not measured.")
         d64, n64 = f["points"]["64"]["direct"], f["points"]["64"]["nix-cri"]
         ratio64 = paired([b["calls_per_s"] for b in n64], [a["calls_per_s"] for a in d64])
         if ratio64 > 1:

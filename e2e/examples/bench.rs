@@ -1010,12 +1010,12 @@ async fn forwarding(
     containerd: &Containerd,
     serve: &NixCriServer,
 ) -> anyhow::Result<()> {
-    let point = Duration::from_millis(if b.o.quick { 300 } else { 700 });
+    let point_time = Duration::from_millis(if b.o.quick { 300 } else { 700 });
     say(format!(
-        "forwarded Version: 1, 16, 64 callers; {} runs of {point:?} per point, direct and through nix-cri interleaved",
+        "forwarded Version: 1, 16, 64 callers; {} runs of {point_time:?} per point, direct and through nix-cri interleaved",
         b.o.runs
     ));
-    let mut out: HashMap<String, HashMap<String, Vec<Value>>> = HashMap::new();
+    let mut out = Points::new();
     let targets = [
         ("direct", containerd.socket().to_owned()),
         ("nix-cri", serve.socket.clone()),
@@ -1040,7 +1040,7 @@ async fn forwarding(
         }
         go_clients.insert(*name, go);
     }
-    let mut go_out: HashMap<String, HashMap<String, Vec<Value>>> = HashMap::new();
+    let mut go_out = Points::new();
     for run in 0..b.o.runs {
         for callers in [1usize, 16, 64] {
             for (name, _) in &targets {
@@ -1048,7 +1048,7 @@ async fn forwarding(
                     .get_mut(name)
                     .context("a grpc-go client per target")?;
                 let round = GoCall {
-                    loop_ms: point.as_millis() as u64,
+                    loop_ms: point_time.as_millis() as u64,
                     ..GoCall::unary("/runtime.v1.RuntimeService/Version", &[], callers)
                 };
                 let mut all = Vec::new();
@@ -1058,28 +1058,17 @@ async fn forwarding(
                     }
                     all.extend(&result.latencies_us);
                 }
-                all.sort_by(f64::total_cmp);
-                let v = json!({"p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
-                               "calls_per_s": all.len() as f64 / point.as_secs_f64(), "calls": all.len()});
-                if run == 0 || callers == 64 {
-                    say(format!(
-                        "  run {} {callers:>2} callers {name:<8} p50 {:>7.0} µs p99 {:>7.0} µs {:>7.0}/s (grpc-go)",
-                        run + 1,
-                        v["p50_us"].as_f64().unwrap_or(0.0),
-                        v["p99_us"].as_f64().unwrap_or(0.0),
-                        v["calls_per_s"].as_f64().unwrap_or(0.0)
-                    ));
-                }
-                go_out
-                    .entry(callers.to_string())
-                    .or_default()
-                    .entry(name.to_string())
-                    .or_default()
-                    .push(v);
+                let point = Point {
+                    run,
+                    callers,
+                    target: name,
+                    client: "grpc-go",
+                };
+                point.record(&mut go_out, all, point_time.as_secs_f64());
             }
             for (name, _) in &targets {
                 let client = clients[name].clone();
-                let deadline = Instant::now() + point;
+                let deadline = Instant::now() + point_time;
                 let start = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();
                 for _ in 0..callers {
@@ -1107,30 +1096,57 @@ async fn forwarding(
                         Err(n) => bail!("Version failed through {name} after {n} calls"),
                     }
                 }
-                let secs = start.elapsed().as_secs_f64();
-                all.sort_by(f64::total_cmp);
-                let v = json!({"p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
-                               "calls_per_s": all.len() as f64 / secs, "calls": all.len()});
-                if run == 0 || callers == 64 {
-                    say(format!(
-                        "  run {} {callers:>2} callers {name:<8} p50 {:>7.0} µs p99 {:>7.0} µs {:>7.0}/s",
-                        run + 1,
-                        v["p50_us"].as_f64().unwrap_or(0.0),
-                        v["p99_us"].as_f64().unwrap_or(0.0),
-                        v["calls_per_s"].as_f64().unwrap_or(0.0)
-                    ));
-                }
-                out.entry(callers.to_string())
-                    .or_default()
-                    .entry(name.to_string())
-                    .or_default()
-                    .push(v);
+                let point = Point {
+                    run,
+                    callers,
+                    target: name,
+                    client: "Rust",
+                };
+                point.record(&mut out, all, start.elapsed().as_secs_f64());
             }
         }
     }
-    b.results.insert("forwarding".into(), json!({"call": "RuntimeService/Version", "point_seconds": point.as_secs_f64(), "points": out}));
-    b.results.insert("forwarding_grpc_go".into(), json!({"call": "RuntimeService/Version", "point_seconds": point.as_secs_f64(), "points": go_out}));
+    b.results.insert("forwarding".into(), json!({"call": "RuntimeService/Version", "point_seconds": point_time.as_secs_f64(), "points": out}));
+    b.results.insert("forwarding_grpc_go".into(), json!({"call": "RuntimeService/Version", "point_seconds": point_time.as_secs_f64(), "points": go_out}));
     Ok(())
+}
+
+/// Latency summaries by caller count, then by target.
+type Points = HashMap<String, HashMap<String, Vec<Value>>>;
+
+/// One forwarding measurement: a run's point for one target, with one client library.
+struct Point<'a> {
+    run: usize,
+    callers: usize,
+    target: &'a str,
+    client: &'a str,
+}
+
+impl Point<'_> {
+    /// Adds the point's p50, p99 and call rate to `out`, and shows the first run's and the
+    /// 64-caller points as they come.
+    fn record(&self, out: &mut Points, mut latencies_us: Vec<f64>, seconds: f64) {
+        latencies_us.sort_by(f64::total_cmp);
+        let v = json!({"p50_us": percentile(&latencies_us, 0.5), "p99_us": percentile(&latencies_us, 0.99),
+                       "calls_per_s": latencies_us.len() as f64 / seconds, "calls": latencies_us.len()});
+        if self.run == 0 || self.callers == 64 {
+            say(format!(
+                "  run {} {:>2} callers {:<8} p50 {:>7.0} µs p99 {:>7.0} µs {:>7.0}/s ({})",
+                self.run + 1,
+                self.callers,
+                self.target,
+                v["p50_us"].as_f64().unwrap_or(0.0),
+                v["p99_us"].as_f64().unwrap_or(0.0),
+                v["calls_per_s"].as_f64().unwrap_or(0.0),
+                self.client
+            ));
+        }
+        out.entry(self.callers.to_string())
+            .or_default()
+            .entry(self.target.to_string())
+            .or_default()
+            .push(v);
+    }
 }
 
 fn sandbox_config(log_dir: &Path) -> cri::PodSandboxConfig {

@@ -109,13 +109,12 @@ func run(conn *grpc.ClientConn, c call) result {
 		defer cancel()
 	}
 	codec := grpc.ForceCodec(rawCodec{})
-	keep := c.Keep
 	var out result
 	if c.Sends == 0 && !c.ServerStream {
 		var response []byte
 		err = conn.Invoke(ctx, c.Method, &request, &response, codec)
 		if err == nil {
-			out.Messages = append(out.Messages, describe(response, keep))
+			out.Messages = append(out.Messages, describe(response, c.Keep))
 		}
 	} else {
 		desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: c.Sends > 0}

@@ -528,12 +528,17 @@ def notes(rep, goals):
         if over:
             w("This run still came close to 200 MB (" + ", ".join(
                 f"`{v['closure']}`: {v['peak_kb'] / 1024:.0f} MB" for v in over) + ").")
-        w("After a pull, RSS stays well above the idle figure (the *idle after* column), most "
-          "likely glibc keeping the freed decoder buffers in its malloc arenas. Tried and not "
-          "kept: jemalloc as the global allocator (tikv-jemallocator), with which the xz pull "
-          "peaked at 219 MB and RSS three seconds after it was still 211 MB. Returning the rest "
-          "(malloc_trim after a pull, which needs unsafe code the library forbids, or fewer "
-          "arenas) is left open.")
+        w("After a pull, RSS falls back near the idle figure (the *idle after* column) because "
+          "the binary fixes glibc's mmap threshold at its default, 128 KiB "
+          "(`cmd/nix-cri/src/main.rs`). Left to itself, glibc raises that threshold each time a "
+          "large mapped block is freed, so after the first xz dictionary every decoder and "
+          "buffer came from the malloc heaps, which keep freed memory: RSS three seconds after "
+          "these pulls was 80–100 MB (run of 2026-12-02 04:39 UTC), and the peaks 20–35 MB "
+          "higher. The price is page faults for the buffers now mapped on each use: in quick "
+          "runs of three, zstd cold pulls took about 0.1 s longer (1.47 s without, 1.57–1.66 s "
+          "with), and xz pulls about the same. Tried and not kept: jemalloc as the global "
+          "allocator (tikv-jemallocator; peak 219 MB, 211 MB three seconds after), a 512 KiB "
+          "threshold (45–63 MB after), and MALLOC_ARENA_MAX=2 (no better).")
 
 
 NOTES_HEADER = "## What the numbers say, and what remains\n"

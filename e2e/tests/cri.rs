@@ -76,6 +76,16 @@ async fn wait_exit(
     panic!("container {id} did not exit");
 }
 
+/// Each grpc-go call's one message, decoded; every call must have succeeded with one.
+fn decoded<M: Message + Default>(all: &[GoResult]) -> Vec<M> {
+    all.iter()
+        .map(|r| match (r.code, &r.messages[..]) {
+            (0, [message]) => M::decode(message.data.as_deref().unwrap_or_default()).unwrap(),
+            _ => panic!("not one message: {r:?}"),
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
     let fx = fixtures();
@@ -433,15 +443,6 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
     }
     let exec_answer = &direct[1][0].messages[0];
     assert!(exec_answer.len > 2_000_000, "{exec_answer:?}");
-    /// Each call's one message, decoded; every call must have succeeded with one.
-    fn decoded<M: Message + Default>(all: &[GoResult]) -> Vec<M> {
-        all.iter()
-            .map(|r| match (r.code, &r.messages[..]) {
-                (0, [message]) => M::decode(message.data.as_deref().unwrap_or_default()).unwrap(),
-                _ => panic!("not one message: {r:?}"),
-            })
-            .collect()
-    }
     let mut listed: Vec<cri::ListContainersResponse> = decoded(&answers(2));
     for list in &mut listed {
         list.containers.sort_by(|a, b| a.id.cmp(&b.id));
@@ -568,15 +569,41 @@ async fn nix_images_need_the_runtime_class() {
     let mut images = image_client(&nix_cri.socket).await.unwrap();
     let mut runtime = runtime_client(&nix_cri.socket).await.unwrap();
     let pod_image = format!("nix:0{}", fx.closure("disjoint"));
-    let image_id = images
-        .pull_image(cri::PullImageRequest {
+    // kubelet pulls with grpc-go on its image-service connection, which other calls share
+    // meanwhile: the pull is answered here, on a task of its own, the rest as they come.
+    let pull = cri::PullImageRequest {
+        image: image_spec(&pod_image),
+        ..Default::default()
+    };
+    let results = GrpcGoCaller::connect(&nix_cri.socket)
+        .round(&[
+            GoCall {
+                keep: true,
+                ..GoCall::unary(
+                    "/runtime.v1.ImageService/PullImage",
+                    &pull.encode_to_vec(),
+                    1,
+                )
+            },
+            GoCall::unary("/runtime.v1.ImageService/ImageFsInfo", b"", 8),
+            GoCall::unary("/runtime.v1.RuntimeService/Version", b"\x0a\x02v1", 16),
+        ])
+        .await;
+    let pulled: Vec<cri::PullImageResponse> = decoded(&results[0]);
+    let image_id = pulled[0].image_ref.clone();
+    assert!(image_id.starts_with("sha256:"), "{image_id}");
+    for result in results[1].iter().chain(&results[2]) {
+        assert_eq!(result.code, 0, "{result:?}");
+    }
+    let by_reference = images
+        .image_status(cri::ImageStatusRequest {
             image: image_spec(&pod_image),
-            ..Default::default()
+            verbose: false,
         })
         .await
         .unwrap()
-        .into_inner()
-        .image_ref;
+        .into_inner();
+    assert_eq!(by_reference.image.map(|i| i.id), Some(image_id.clone()));
     let logs = tempfile::tempdir().unwrap();
     let sandbox = runtime
         .run_pod_sandbox(cri::RunPodSandboxRequest {

@@ -543,11 +543,11 @@ impl Relay {
             .map(|f| f.value.clone())
             .unwrap_or_default();
         let answered_here = super::answered_here(&path);
-        if (answered_here || !st.forwarding) && st.answers.len() >= MAX_ANSWERS {
-            frame::put_rst_stream(&mut st.to_caller, stream, frame::REFUSED_STREAM);
-            return;
-        }
         if answered_here || !st.forwarding {
+            if st.answers.len() >= MAX_ANSWERS {
+                frame::put_rst_stream(&mut st.to_caller, stream, frame::REFUSED_STREAM);
+                return;
+            }
             // Without the spliced runtime connection, calls go through nix-cri's own client
             // connection to the runtime, which reconnects when the runtime is back.
             let answer = Answer::new(fields, st.caller.initial_window, !answered_here);

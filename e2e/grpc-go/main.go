@@ -51,14 +51,14 @@ type call struct {
 
 type message struct {
 	Len    int    `json:"len"`
-	Sha256 string `json:"sha256"`
+	Digest string `json:"digest"`
 	Data   string `json:"data,omitempty"`
 }
 
 type result struct {
 	Code     uint32    `json:"code"`
 	Message  string    `json:"message"`
-	Messages []message `json:"messages"`
+	Messages []message `json:"messages,omitempty"`
 	// Each call's latency in microseconds, for LoopMs.
 	LatenciesUs []float64 `json:"latencies_us,omitempty"`
 }
@@ -87,7 +87,7 @@ func (rawCodec) Name() string { return "proto" }
 
 func describe(data []byte, keep bool) message {
 	sum := sha256.Sum256(data)
-	m := message{Len: len(data), Sha256: hex.EncodeToString(sum[:])}
+	m := message{Len: len(data), Digest: "sha256:" + hex.EncodeToString(sum[:])}
 	if keep {
 		m.Data = hex.EncodeToString(data)
 	}

@@ -160,10 +160,12 @@ pub fn grpc_go_caller() -> PathBuf {
     .clone()
 }
 
-/// One call of a [`GrpcGoCaller`] round, made `times` times at once.
-#[derive(Clone, Debug, Default)]
+/// One call of a [`GrpcGoCaller`] round, made `times` times at once. Sent to `cri-caller` as
+/// JSON, the request in hex.
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct GoCall {
     pub method: String,
+    #[serde(serialize_with = "hex_string")]
     pub request: Vec<u8>,
     pub times: usize,
     /// A bidirectional stream that sends `request` this many times, when not 0.
@@ -171,7 +173,7 @@ pub struct GoCall {
     pub server_stream: bool,
     /// The call's deadline, which grpc-go sends as `grpc-timeout`; none when 0.
     pub timeout_ms: u64,
-    /// Return the messages themselves (`GoMessage::data`), not only their hashes.
+    /// Return the messages themselves (`GoMessage::data`), not only their digests.
     pub keep: bool,
     /// Repeat the (unary) call for this long in each copy, one call after another, and return
     /// the latencies (`GoResult::latencies_us`): for the benchmarks.
@@ -190,20 +192,25 @@ impl GoCall {
 }
 
 /// What grpc-go saw of one call: its status and the messages it received.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
 pub struct GoResult {
     pub code: u32,
+    #[serde(default)]
     pub message: String,
+    #[serde(default)]
     pub messages: Vec<GoMessage>,
     /// With `GoCall::loop_ms`: each call's latency, in µs.
+    #[serde(default)]
     pub latencies_us: Vec<f64>,
 }
 
-/// One message a call received: its length and sha256 (hex), and itself if the call kept it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One message a call received: its length and digest (`sha256:…`), and itself if the call
+/// kept it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 pub struct GoMessage {
     pub len: usize,
-    pub sha256: String,
+    pub digest: String,
+    #[serde(default, deserialize_with = "from_hex_string")]
     pub data: Option<Vec<u8>>,
 }
 
@@ -217,7 +224,7 @@ impl GoResult {
                 .iter()
                 .map(|m| GoMessage {
                     len: m.len(),
-                    sha256: sha256_hex(m),
+                    digest: nix_cri::image::oci::sha256_digest(m),
                     data: None,
                 })
                 .collect(),
@@ -226,19 +233,15 @@ impl GoResult {
     }
 }
 
-fn from_hex(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("cri-caller writes hex"))
-        .collect()
+fn hex_string<S: serde::Serializer>(bytes: &[u8], to: S) -> Result<S::Ok, S::Error> {
+    to.serialize_str(&data_encoding::HEXLOWER.encode(bytes))
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+fn from_hex_string<'de, D: serde::Deserializer<'de>>(from: D) -> Result<Option<Vec<u8>>, D::Error> {
+    let hex: Option<String> = serde::Deserialize::deserialize(from)?;
+    hex.map(|h| data_encoding::HEXLOWER.decode(h.as_bytes()))
+        .transpose()
+        .map_err(serde::de::Error::custom)
 }
 
 /// A grpc-go client connection to a CRI socket, as kubelet holds one, driven a round at a time.
@@ -272,22 +275,7 @@ impl GrpcGoCaller {
     /// results of its copies.
     pub async fn round(&mut self, calls: &[GoCall]) -> Vec<Vec<GoResult>> {
         use tokio::io::AsyncWriteExt;
-        let round: Vec<Value> = calls
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "method": c.method,
-                    "request": c.request.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-                    "times": c.times,
-                    "sends": c.sends,
-                    "server_stream": c.server_stream,
-                    "timeout_ms": c.timeout_ms,
-                    "keep": c.keep,
-                    "loop_ms": c.loop_ms,
-                })
-            })
-            .collect();
-        let mut line = serde_json::to_vec(&round).expect("encode a round");
+        let mut line = serde_json::to_vec(calls).expect("encode a round");
         line.push(b'\n');
         self.stdin
             .write_all(&line)
@@ -301,39 +289,7 @@ impl GrpcGoCaller {
             let status = self.child.wait().await;
             panic!("cri-caller ended without answering: {status:?}");
         };
-        let answer: Value = serde_json::from_str(&answer).expect("cri-caller writes JSON");
-        let results = |call: &Value| -> Vec<GoResult> {
-            call.as_array()
-                .expect("results of a call")
-                .iter()
-                .map(|r| GoResult {
-                    code: r["code"].as_u64().expect("code") as u32,
-                    message: r["message"].as_str().unwrap_or_default().to_owned(),
-                    messages: r["messages"]
-                        .as_array()
-                        .map(|m| {
-                            m.iter()
-                                .map(|m| GoMessage {
-                                    len: m["len"].as_u64().expect("len") as usize,
-                                    sha256: m["sha256"].as_str().expect("sha256").to_owned(),
-                                    data: m["data"].as_str().map(from_hex),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    latencies_us: r["latencies_us"]
-                        .as_array()
-                        .map(|l| l.iter().filter_map(Value::as_f64).collect())
-                        .unwrap_or_default(),
-                })
-                .collect()
-        };
-        answer
-            .as_array()
-            .expect("one result list a call")
-            .iter()
-            .map(results)
-            .collect()
+        serde_json::from_str(&answer).expect("cri-caller writes one result list a call")
     }
 }
 

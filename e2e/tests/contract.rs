@@ -1110,6 +1110,31 @@ async fn frames_within(
     frames
 }
 
+/// A SETTINGS frame with `settings` (identifier, value).
+fn settings_frame(settings: &[(u16, u32)]) -> Vec<u8> {
+    let payload: Vec<u8> = settings
+        .iter()
+        .flat_map(|(id, value)| [&id.to_be_bytes()[..], &value.to_be_bytes()[..]].concat())
+        .collect();
+    raw_frame(0x4, 0, 0, &payload)
+}
+
+/// A raw HTTP/2 connection to the proxy that has sent the preface, SETTINGS with `settings`,
+/// then `frames`.
+async fn raw_caller(
+    socket: &Path,
+    settings: &[(u16, u32)],
+    frames: &[u8],
+) -> tokio::net::UnixStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(settings_frame(settings));
+    bytes.extend_from_slice(frames);
+    stream.write_all(&bytes).await.unwrap();
+    stream
+}
+
 fn raw_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
     frame.extend_from_slice(&[kind, flags]);
@@ -1123,11 +1148,8 @@ fn raw_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 /// with a status that says so. The runtime and other connections go on.
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_http2_from_a_caller_is_a_goaway_that_says_why() {
-    use tokio::io::AsyncWriteExt;
     let upstream = FakeUpstream::start().await;
     let proxy = start_proxy(&upstream.socket).await;
-    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    let settings = raw_frame(0x4, 0, 0, &[]);
     let cases: [(&str, Vec<u8>, u32, &str); 3] = [
         // An index into an empty dynamic table.
         (
@@ -1151,13 +1173,7 @@ async fn bad_http2_from_a_caller_is_a_goaway_that_says_why() {
         ),
     ];
     for (what, bad, code, why) in cases {
-        let mut stream = tokio::net::UnixStream::connect(&proxy.socket)
-            .await
-            .unwrap();
-        stream
-            .write_all(&[preface.clone(), settings.clone(), bad].concat())
-            .await
-            .unwrap();
+        let mut stream = raw_caller(&proxy.socket, &[], &bad).await;
         let frames = frames_until_closed(&mut stream).await;
         let goaway = frames
             .iter()
@@ -1202,17 +1218,12 @@ async fn answered_calls_open_at_once_are_capped_per_connection() {
     use tokio::io::AsyncWriteExt;
     let upstream = FakeUpstream::start().await;
     let proxy = start_proxy(&upstream.socket).await;
-    let mut stream = tokio::net::UnixStream::connect(&proxy.socket)
-        .await
-        .unwrap();
     let block = list_images_block();
-    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    bytes.extend(raw_frame(0x4, 0, 0, &[]));
     // 201 requests whose bodies never end, so that none is answered.
-    for i in 0..201u32 {
-        bytes.extend(raw_frame(0x1, 0x4, 2 * i + 1, &block));
-    }
-    stream.write_all(&bytes).await.unwrap();
+    let requests: Vec<u8> = (0..201u32)
+        .flat_map(|i| raw_frame(0x1, 0x4, 2 * i + 1, &block))
+        .collect();
+    let mut stream = raw_caller(&proxy.socket, &[], &requests).await;
     let frames = frames_within(&mut stream, Duration::from_secs(2)).await;
     let resets: Vec<_> = frames.iter().filter(|f| f.0 == 0x3).collect();
     assert_eq!(resets.len(), 1, "{resets:?}");
@@ -1251,19 +1262,10 @@ async fn a_callers_new_initial_window_reaches_the_answers_under_way() {
     use tokio::io::AsyncWriteExt;
     let upstream = FakeUpstream::start().await;
     let proxy = start_proxy(&upstream.socket).await;
-    let mut stream = tokio::net::UnixStream::connect(&proxy.socket)
-        .await
-        .unwrap();
-    let initial_window = |size: u32| {
-        let mut setting = 4u16.to_be_bytes().to_vec();
-        setting.extend_from_slice(&size.to_be_bytes());
-        raw_frame(0x4, 0, 0, &setting)
-    };
-    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    bytes.extend(initial_window(0));
-    bytes.extend(raw_frame(0x1, 0x4, 1, &list_images_block()));
-    bytes.extend(raw_frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0]));
-    stream.write_all(&bytes).await.unwrap();
+    // SETTINGS_INITIAL_WINDOW_SIZE is setting 4.
+    let mut request = raw_frame(0x1, 0x4, 1, &list_images_block());
+    request.extend(raw_frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0]));
+    let mut stream = raw_caller(&proxy.socket, &[(4, 0)], &request).await;
     let frames = frames_within(&mut stream, Duration::from_secs(2)).await;
     assert!(
         frames.iter().any(|f| f.0 == 0x1 && f.2 == 1),
@@ -1273,7 +1275,10 @@ async fn a_callers_new_initial_window_reaches_the_answers_under_way() {
         !frames.iter().any(|f| f.0 == 0x0 && f.2 == 1),
         "no DATA into a window of 0: {frames:?}"
     );
-    stream.write_all(&initial_window(65_535)).await.unwrap();
+    stream
+        .write_all(&settings_frame(&[(4, 65_535)]))
+        .await
+        .unwrap();
     let frames = frames_within(&mut stream, Duration::from_secs(2)).await;
     let data: Vec<u8> = frames
         .iter()

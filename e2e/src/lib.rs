@@ -136,29 +136,33 @@ pub fn nix_cri_bin() -> PathBuf {
 }
 
 /// `e2e/grpc-go`'s `cri-caller`: CRI calls made with grpc-go, the gRPC library kubelet uses,
-/// dialled as kubelet dials. Built once per test process from Debian's Go and grpc-go packages
-/// (GOPATH mode: Debian ships the sources in /usr/share/gocode, and no module proxy is reached).
+/// dialled as kubelet dials. Built once per test process with the machine's Go, in module
+/// mode: `e2e/grpc-go/go.mod` pins grpc-go (the same version as hack/versions).
 pub fn grpc_go_caller() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        require_tool("go");
+        let go = Path::new(GO);
+        assert!(
+            go.exists(),
+            "{GO} is missing: nix-cri's machines carry Go 1.26 at /usr/local/go"
+        );
         let out = workspace().join("target/grpc-go");
         std::fs::create_dir_all(&out).expect("create target/grpc-go");
         let bin = out.join("cri-caller");
-        run(Command::new("go")
-            .args(["build", "-o"])
+        run(Command::new(go)
+            .args(["build", "-mod=readonly", "-o"])
             .arg(&bin)
             .arg(".")
             .current_dir(workspace().join("e2e/grpc-go"))
-            .env("GO111MODULE", "off")
-            .env("GOPATH", "/usr/share/gocode")
-            .env("GOCACHE", out.join("cache"))
-            .env("GOFLAGS", ""))
-        .expect("build e2e/grpc-go (hack/setup installs golang-go and golang-google-grpc-dev)");
+            .env("GOFLAGS", "-buildvcs=false"))
+        .expect("build e2e/grpc-go (its modules come from the Go module proxy)");
         bin
     })
     .clone()
 }
+
+/// The machine's Go (Debian's golang-go 1.19 is too old for current grpc-go).
+const GO: &str = "/usr/local/go/bin/go";
 
 /// One call of a [`GrpcGoCaller`] round, made `times` times at once. Sent to `cri-caller` as
 /// JSON, the request in hex.

@@ -2,7 +2,7 @@
 //! of HTTP/2 frames.
 //!
 //! Calls nix-cri only forwards, which is nearly every call kubelet makes, are never taken
-//! apart: their DATA frames, the runtime's answers, SETTINGS, PING and flow control pass through
+//! apart: their DATA frames, the runtime's answers, SETTINGS and flow control pass through
 //! as the bytes that arrived. Only header blocks the caller sends are decoded (the `:path` says
 //! whether nix-cri answers the call) and written out again as literal fields. Calls nix-cri
 //! answers (see `intercepted`) are taken off the connection here and answered by
@@ -472,9 +472,19 @@ impl Relay {
                 }
             }
             frame::PING => {
-                if st.upstream_open {
-                    st.to_upstream.extend_from_slice(&frame.raw);
-                } else if !frame.has(frame::ACK) {
+                if frame.has(frame::ACK) {
+                    // The caller's answer to the runtime's PING.
+                    if st.upstream_open {
+                        st.to_upstream.extend_from_slice(&frame.raw);
+                    }
+                } else {
+                    // The caller's own PINGs are answered here, never passed on. grpc-go sends
+                    // a BDP PING whenever it receives DATA, and much of that DATA is nix-cri's
+                    // (answered calls). Passed on, those PINGs reach a runtime that sent no DATA
+                    // in between, and grpc-go servers count such PINGs as abuse: after two they
+                    // send GOAWAY ENHANCE_YOUR_CALM "too_many_pings" and close the connection
+                    // (found by critest on containerd 2.x). The PING measures the caller's
+                    // link, which ends here.
                     frame::put_header(&mut st.to_caller, 8, frame::PING, frame::ACK, 0);
                     st.to_caller.extend_from_slice(frame.payload());
                 }

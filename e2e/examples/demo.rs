@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use k8s_cri::v1 as cri;
-use nix_cri_e2e::containerd::{Containerd, image_client, image_spec, remove_pod, runtime_client};
+use nix_cri_e2e::containerd::{
+    Containerd, RuntimeKind, image_client, image_spec, remove_pod, runtime_client,
+};
 use nix_cri_e2e::{CacheServer, NixCriServer, fixtures};
 
 fn step(text: &str) {
@@ -21,8 +23,14 @@ async fn main() -> anyhow::Result<()> {
     let fx = fixtures();
     let image_path = fx.closure("image");
 
-    step("starting containerd 1.6 (its own root, state and socket; CNI bridge networking)");
-    let containerd = Containerd::start().await.context("start containerd")?;
+    // containerd 2.x unless NIX_CRI_E2E_RUNTIME names another (crio, containerd1.6).
+    let kind = RuntimeKind::from_env()?;
+    step(&format!(
+        "starting {kind} (its own root, state and socket; CNI bridge networking)"
+    ));
+    let containerd = Containerd::start_with(kind, &Default::default())
+        .await
+        .with_context(|| format!("start {kind}"))?;
     step("serving the signed xz binary cache Nix wrote, on loopback");
     let cache = CacheServer::start(fx.cache_dir("xz")).await?;
     step(&format!(

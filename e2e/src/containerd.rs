@@ -1,5 +1,8 @@
-//! A real containerd (Debian's 1.6, with runc) as a child process with its own directories,
-//! socket, CNI network and pause image, for tests that go through the CRI.
+//! The runtime under test as a child process with its own directories, socket, CNI network
+//! and pause image, for tests that go through the CRI. It is one of [`RuntimeKind`]:
+//! containerd 2.x (built by hack/peers/build from its Go module), Debian's containerd 1.6, or
+//! CRI-O (built the same way, run with Debian's conmon). `NIX_CRI_E2E_RUNTIME` picks it for a
+//! whole test run (default `containerd2`); hack/test runs the suite once per runtime.
 //!
 //! Each [`Containerd`] gets a temporary directory holding `config.toml`, `root/`, `state/`,
 //! the socket, `containerd.log`, a CNI conflist (a bridge `nxcri<N>` on `10.244.<N>.0/24`,
@@ -29,6 +32,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub use k8s_cri::v1;
 
 const CONTAINERD: &str = "/usr/bin/containerd";
+const CONMON: &str = "/usr/bin/conmon";
+/// Where hack/peers/build links the peers' commands (`NIX_CRI_PEERS`/bin).
+const PEERS: &str = "/var/cache/nix-cri/peers";
 const RUNC: &str = "/usr/sbin/runc";
 const BUSYBOX: &str = "/bin/busybox";
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
@@ -39,7 +45,68 @@ const SUBNETS: std::ops::RangeInclusive<u8> = 100..=249;
 /// CRI messages may be this large (kubelet's and containerd's limit).
 const MAX_MESSAGE: usize = 16 << 20;
 
+/// The runtimes the suite runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// containerd 2.x, the newest release (hack/versions).
+    Containerd2,
+    /// Debian 12's containerd 1.6, the oldest release supported.
+    Containerd16,
+    /// CRI-O (hack/versions), with Debian's conmon and runc.
+    Crio,
+}
+
+impl RuntimeKind {
+    /// `NIX_CRI_E2E_RUNTIME`, or containerd 2.x when unset.
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("NIX_CRI_E2E_RUNTIME") {
+            Ok(name) if !name.is_empty() => name.parse(),
+            _ => Ok(Self::Containerd2),
+        }
+    }
+
+    pub fn is_containerd(self) -> bool {
+        matches!(self, Self::Containerd2 | Self::Containerd16)
+    }
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = anyhow::Error;
+    fn from_str(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "containerd2" => Ok(Self::Containerd2),
+            "containerd1.6" => Ok(Self::Containerd16),
+            "crio" => Ok(Self::Crio),
+            other => {
+                bail!("unknown runtime {other:?}: expected containerd2, containerd1.6 or crio")
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Containerd2 => "containerd2",
+            Self::Containerd16 => "containerd1.6",
+            Self::Crio => "crio",
+        })
+    }
+}
+
+/// The directory of the peers' commands that hack/peers/build made.
+pub fn peers_bin() -> PathBuf {
+    std::env::var_os("NIX_CRI_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(PEERS))
+        .join("bin")
+}
+
+/// The runtime under test (the name is historical: it may be CRI-O).
 pub struct Containerd {
+    kind: RuntimeKind,
+    /// The runtime's program and its arguments, to start it again.
+    command: Vec<std::ffi::OsString>,
     dir: tempfile::TempDir,
     socket: PathBuf,
     log: PathBuf,
@@ -50,24 +117,47 @@ pub struct Containerd {
 }
 
 impl Containerd {
-    /// Starts containerd and waits until its CRI answers `Version`.
+    /// Starts the runtime `NIX_CRI_E2E_RUNTIME` names and waits until its CRI answers
+    /// `Version`.
     pub async fn start() -> anyhow::Result<Self> {
-        for tool in [CONTAINERD, RUNC, BUSYBOX, &format!("{CNI_BIN_DIR}/bridge")] {
+        Self::start_with(RuntimeKind::from_env()?, &serde_json::Map::new()).await
+    }
+
+    /// Starts a runtime of `kind`, its registry also serving `extra_images` (image name to
+    /// `{"cmd": [...], "entrypoint": [...], "user": "...", "env": [...], "workdir": "..."}`, each
+    /// on the busybox layer), and waits until its CRI answers `Version`.
+    pub async fn start_with(
+        kind: RuntimeKind,
+        extra_images: &serde_json::Map<String, serde_json::Value>,
+    ) -> anyhow::Result<Self> {
+        let program = match kind {
+            RuntimeKind::Containerd2 => peers_bin().join("containerd2"),
+            RuntimeKind::Containerd16 => PathBuf::from(CONTAINERD),
+            RuntimeKind::Crio => peers_bin().join("crio"),
+        };
+        let mut tools = vec![program.clone(), RUNC.into(), BUSYBOX.into()];
+        tools.push(format!("{CNI_BIN_DIR}/bridge").into());
+        if kind == RuntimeKind::Crio {
+            tools.extend([PathBuf::from(CONMON), peers_bin().join("pinns")]);
+        }
+        for tool in &tools {
             anyhow::ensure!(
-                Path::new(tool).exists(),
-                "{tool} is missing: run hack/setup (it installs containerd, runc, busybox-static \
-                 and containernetworking-plugins)"
+                tool.exists(),
+                "{} is missing: run hack/setup (it installs Debian's containerd, runc, conmon, \
+                 busybox-static and containernetworking-plugins, and builds the peers in \
+                 hack/versions)",
+                tool.display()
             );
         }
-        let dir = tempfile::Builder::new().prefix("nix-cri-ctrd-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("nix-cri-{kind}-"))
+            .tempdir()?;
         let path = dir.path().to_owned();
         let (subnet, subnet_lock) = take_subnet()?;
 
-        // Pause and busybox images: one layer holding bin/busybox and bin/sh.
+        // Pause and busybox images: one layer shaped like Docker's busybox image.
         let image_dir = path.join("busybox-image");
-        std::fs::create_dir_all(image_dir.join("bin"))?;
-        std::fs::copy(BUSYBOX, image_dir.join("bin/busybox"))?;
-        std::os::unix::fs::symlink("busybox", image_dir.join("bin/sh"))?;
+        write_busybox_layer(&image_dir)?;
         let path_env = vec!["PATH=/bin".to_owned()];
         let pause = from_dir(
             &image_dir,
@@ -79,17 +169,41 @@ impl Containerd {
         let busybox = from_dir(
             &image_dir,
             ConfigBuilder::default()
-                .env(path_env)
+                .env(path_env.clone())
                 .cmd(vec!["/bin/sh".to_owned()])
                 .build()?,
         )?;
-        let images = StaticImages::new()
+        let mut images = StaticImages::new()
             .with(PAUSE_NAME, pause)
             .with(BUSYBOX_NAME, busybox);
+        for (name, spec) in extra_images {
+            let strings = |key: &str| -> Option<Vec<String>> {
+                spec.get(key)?.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+            };
+            let mut config =
+                ConfigBuilder::default().env(strings("env").unwrap_or_else(|| path_env.clone()));
+            if let Some(cmd) = strings("cmd") {
+                config = config.cmd(cmd);
+            }
+            if let Some(entrypoint) = strings("entrypoint") {
+                config = config.entrypoint(entrypoint);
+            }
+            if let Some(user) = spec.get("user").and_then(|u| u.as_str()) {
+                config = config.user(user.to_owned());
+            }
+            if let Some(workdir) = spec.get("workdir").and_then(|u| u.as_str()) {
+                config = config.working_dir(workdir.to_owned());
+            }
+            images = images.with(name, from_dir(&image_dir, config.build()?)?);
+        }
         let registry = Registry::start("127.0.0.1:0".parse()?, Arc::new(images)).await?;
 
-        let socket = path.join("containerd.sock");
-        let log = path.join("containerd.log");
+        let socket = path.join(format!("{kind}.sock"));
+        let log = path.join(format!("{kind}.log"));
         let runc_wrapper = path.join("runc-wrapper");
         std::fs::write(
             &runc_wrapper,
@@ -105,36 +219,100 @@ impl Containerd {
             cni_dir.join("10-nix-cri-e2e.conflist"),
             cni_conflist(subnet, &path.join("cni-ipam")),
         )?;
-        let config = path.join("config.toml");
-        std::fs::write(
-            &config,
-            config_toml(
-                &path,
-                &socket,
-                &registry.reference(PAUSE_NAME, "3.9"),
-                &runc_wrapper,
-                &cni_dir,
-            ),
-        )?;
-        let child = Command::new(CONTAINERD)
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(File::create(&log)?)
-            .stderr(File::create(&log)?)
-            .spawn()
-            .context("start containerd")?;
+        let pause_image = registry.reference(PAUSE_NAME, "3.9");
+        let registry_host = pause_image.split('/').next().unwrap_or_default().to_owned();
+        write_mirrors(&path.join("certs.d"), &registry_host)?;
+        let config = match kind {
+            RuntimeKind::Containerd16 => {
+                config_toml_v2(&path, &socket, &pause_image, &runc_wrapper, &cni_dir)
+            }
+            RuntimeKind::Containerd2 => {
+                config_toml_v3(&path, &socket, &pause_image, &runc_wrapper, &cni_dir)
+            }
+            RuntimeKind::Crio => {
+                std::fs::write(
+                    path.join("registries.conf"),
+                    registries_conf(&registry_host),
+                )?;
+                std::fs::write(path.join("policy.json"), POLICY_JSON)?;
+                std::fs::create_dir_all(path.join("crio.conf.d"))?;
+                crio_conf(&path, &socket, &pause_image, &runc_wrapper, &cni_dir)
+            }
+        };
+        let config_file = path.join(if kind == RuntimeKind::Crio {
+            "crio.conf"
+        } else {
+            "config.toml"
+        });
+        std::fs::write(&config_file, config)?;
+        let mut command: Vec<std::ffi::OsString> = vec![program.into()];
+        match kind {
+            RuntimeKind::Crio => command.extend([
+                "--config".into(),
+                config_file.into(),
+                "--config-dir".into(),
+                path.join("crio.conf.d").into(),
+            ]),
+            _ => command.extend(["--config".into(), config_file.into()]),
+        }
         let mut containerd = Self {
+            kind,
+            command,
             dir,
             socket,
             log,
-            child: Some(child),
+            child: None,
             registry: Some(registry),
             subnet,
             _subnet_lock: subnet_lock,
         };
+        containerd.spawn(false)?;
         containerd.wait_ready().await?;
         Ok(containerd)
+    }
+
+    /// Starts the runtime's process, its output going to the log (appended when `append`).
+    fn spawn(&mut self, append: bool) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(&self.log)?;
+        let path_var = format!(
+            "{}:{}",
+            peers_bin().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            // containerd 2.x finds its own runc shim first, not Debian 1.6's.
+            .env("PATH", path_var)
+            .env(
+                "CONTAINERS_REGISTRIES_CONF",
+                self.dir.path().join("registries.conf"),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.kind))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Which runtime this is.
+    pub fn kind(&self) -> RuntimeKind {
+        self.kind
+    }
+
+    /// `127.0.0.1:PORT` of the loopback registry that serves pause and busybox.
+    pub fn registry_host(&self) -> String {
+        self.pause_image()
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -143,7 +321,11 @@ impl Containerd {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
-                bail!("containerd exited with {status}:\n{}", self.diagnostics());
+                bail!(
+                    "{} exited with {status}:\n{}",
+                    self.kind,
+                    self.diagnostics()
+                );
             }
             if self.socket.exists()
                 && let Ok(mut runtime) = runtime_client(&self.socket).await
@@ -156,7 +338,8 @@ impl Containerd {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "containerd's CRI did not answer within 30s:\n{}",
+                    "{}'s CRI did not answer within 30s:\n{}",
+                    self.kind,
                     self.diagnostics()
                 );
             }
@@ -172,20 +355,11 @@ impl Containerd {
         }
     }
 
-    /// Starts containerd again on the same state, config and socket, and waits until its
+    /// Starts the runtime again on the same state, config and socket, and waits until its
     /// CRI answers.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
-        let child = Command::new(CONTAINERD)
-            .arg("--config")
-            .arg(self.dir.path().join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("restart containerd")?;
-        self.child = Some(child);
+        self.spawn(true)?;
         self.wait_ready().await
     }
 
@@ -248,7 +422,8 @@ impl Containerd {
     /// containerd's log tail and runc's failures, for error messages.
     pub fn diagnostics(&self) -> String {
         format!(
-            "--- containerd log ({}), last 60 lines ---\n{}\n--- runc failures ---\n{}",
+            "--- {} log ({}), last 60 lines ---\n{}\n--- runc failures ---\n{}",
+            self.kind,
             self.log.display(),
             self.log_tail(60),
             self.runc_failures()
@@ -432,6 +607,48 @@ pub fn read_cri_log(path: &Path) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// A root like Docker's busybox image: static busybox at `/bin/busybox` with every applet
+/// linked beside it (critest runs `top`, `sleep`, `touch` by name), and the users and groups
+/// critest's test images define (`www-data`, `default-user` 1000 in group 50000).
+fn write_busybox_layer(dir: &Path) -> anyhow::Result<()> {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(BUSYBOX, bin.join("busybox"))?;
+    let applets = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .context("busybox --list")?;
+    for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+        let link = bin.join(applet);
+        if !applet.is_empty() && applet != "busybox" && !link.exists() {
+            std::os::unix::fs::symlink("busybox", link)?;
+        }
+    }
+    if !bin.join("sh").exists() {
+        std::os::unix::fs::symlink("busybox", bin.join("sh"))?;
+    }
+    for empty in ["etc", "tmp", "root", "var/www", "home/default-user"] {
+        std::fs::create_dir_all(dir.join(empty))?;
+    }
+    std::fs::set_permissions(
+        dir.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )?;
+    std::fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n\
+         www-data:x:33:33:www-data:/var/www:/bin/false\n\
+         default-user:x:1000:1000:Linux User,,,:/home/default-user:/bin/sh\n\
+         nobody:x:65534:65534:nobody:/home:/bin/false\n",
+    )?;
+    std::fs::write(
+        dir.join("etc/group"),
+        "root:x:0:\nwww-data:x:33:\ndefault-user:x:1000:\n\
+         group-defined-in-image:x:50000:default-user\nnogroup:x:65534:\n",
+    )?;
+    Ok(())
+}
+
 /// Takes a free 10.244.X.0/24 by locking `X.lock` in a shared directory; the lock is held as
 /// long as the returned file is open.
 fn take_subnet() -> anyhow::Result<(u8, File)> {
@@ -498,7 +715,7 @@ fn cni_conflist(subnet: u8, ipam_dir: &Path) -> String {
     .to_string()
 }
 
-fn config_toml(
+fn config_toml_v2(
     dir: &Path,
     socket: &Path,
     sandbox_image: &str,
@@ -545,6 +762,9 @@ disabled_plugins = [
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         BinaryName = "{runc}"
 
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{d}/certs.d"
+
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{cni_dir}"
@@ -555,6 +775,166 @@ disabled_plugins = [
         cni_dir = cni_dir.display(),
     )
 }
+
+/// containerd 2.x's config: version 3, where the CRI plugin is split into images and runtime.
+fn config_toml_v3(
+    dir: &Path,
+    socket: &Path,
+    sandbox_image: &str,
+    runc: &Path,
+    cni_dir: &Path,
+) -> String {
+    let d = dir.display();
+    format!(
+        r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "{sandbox_image}"
+
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{d}/certs.d"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "{runc}"
+
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{CNI_BIN_DIR}"]
+    conf_dir = "{cni_dir}"
+    max_conf_num = 1
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+# NRI's socket is /var/run/nri/nri.sock by default: one per instance, so harnesses can run side
+# by side.
+[plugins."io.containerd.nri.v1.nri"]
+  socket_path = "{d}/nri.sock"
+"#,
+        socket = socket.display(),
+        runc = runc.display(),
+        cni_dir = cni_dir.display(),
+    )
+}
+
+/// CRI-O's config: everything under `dir`, nothing read from /etc/crio or /var/lib/containers.
+fn crio_conf(dir: &Path, socket: &Path, pause_image: &str, runc: &Path, cni_dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"[crio]
+root = "{d}/storage"
+runroot = "{d}/runroot"
+storage_driver = "overlay"
+log_dir = "{d}/pod-logs"
+version_file = "{d}/version"
+version_file_persist = "{d}/version-persist"
+clean_shutdown_file = "{d}/clean.shutdown"
+internal_wipe = true
+
+[crio.api]
+listen = "{socket}"
+stream_address = "127.0.0.1"
+stream_port = "0"
+
+[crio.runtime]
+default_runtime = "runc"
+cgroup_manager = "cgroupfs"
+conmon_cgroup = "pod"
+pinns_path = "{pinns}"
+namespaces_dir = "{d}/ns"
+container_exits_dir = "{d}/exits"
+container_attach_socket_dir = "{d}/attach"
+hooks_dir = []
+log_level = "info"
+
+[crio.runtime.runtimes.runc]
+runtime_path = "{runc}"
+runtime_type = "oci"
+runtime_root = "{d}/runc"
+monitor_path = "{CONMON}"
+monitor_cgroup = "pod"
+
+[crio.image]
+pause_image = "{pause_image}"
+signature_policy = "{d}/policy.json"
+
+[crio.network]
+network_dir = "{cni_dir}"
+plugin_dirs = ["{CNI_BIN_DIR}"]
+
+[crio.metrics]
+enable_metrics = false
+
+[crio.nri]
+enable_nri = false
+"#,
+        socket = socket.display(),
+        runc = runc.display(),
+        cni_dir = cni_dir.display(),
+        pinns = peers_bin().join("pinns").display(),
+    )
+}
+
+/// Public registries whose images tests name (critest's among them): each is served by the
+/// loopback registry, under the same repository names, as a mirror would.
+const MIRRORED: [&str; 4] = ["registry.k8s.io", "gcr.io", "k8s.gcr.io", "docker.io"];
+
+/// containerd's hosts.toml for each mirrored registry (`config_path`).
+fn write_mirrors(certs_d: &Path, registry_host: &str) -> anyhow::Result<()> {
+    for host in MIRRORED {
+        let dir = certs_d.join(host);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"https://{host}\"\n\n[host.\"http://{registry_host}\"]\n  \
+                 capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// containers/image's registries.conf: registries on 127.0.0.1 (the test registry, and the one
+/// nix-cri embeds for root images, at any port) are plain HTTP, and the test registry stands
+/// in for the mirrored registries.
+fn registries_conf(registry_host: &str) -> String {
+    let mut conf = "unqualified-search-registries = [\"docker.io\"]\n\n\
+         [[registry]]\nlocation = \"127.0.0.1\"\ninsecure = true\n"
+        .to_owned();
+    for host in MIRRORED {
+        conf.push_str(&format!(
+            "\n[[registry]]\nprefix = \"{host}\"\nlocation = \"{registry_host}\"\ninsecure = true\n"
+        ));
+    }
+    conf
+}
+
+/// containers/image's signature policy: accept what the test registry serves.
+const POLICY_JSON: &str = r#"{"default": [{"type": "insecureAcceptAnything"}]}"#;
 
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

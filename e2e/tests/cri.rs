@@ -2,14 +2,19 @@
 //! drives it, with the fixture cache on loopback and CNI bridge networking.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
-use nix_cri_e2e::containerd::{Containerd, image_client, image_spec, remove_pod, runtime_client};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use nix_cri_e2e::containerd::{
+    Containerd, RuntimeKind, image_client, image_spec, remove_pod, runtime_client,
+};
 use nix_cri_e2e::{
     CacheServer, GoCall, GoResult, GrpcGoCaller, NixCriServer, fixtures, http_get, nix_command, run,
 };
 use prost::Message;
+use tonic::transport::Channel;
 
 const POD_UID: &str = "0b6a1c8e-nix-cri-e2e";
 
@@ -74,6 +79,39 @@ async fn wait_exit(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("container {id} did not exit");
+}
+
+/// The events of a `GetContainerEvents` stream for the container whose id is put in
+/// `container`, up to its started event (within 60 s).
+async fn container_events(
+    mut runtime: RuntimeServiceClient<Channel>,
+    container: Arc<OnceLock<String>>,
+) -> Result<Vec<(String, i32)>, tonic::Status> {
+    let events = async move {
+        let mut stream = runtime
+            .get_container_events(cri::GetEventsRequest::default())
+            .await?
+            .into_inner();
+        let mut seen = Vec::new();
+        while let Some(event) = stream.message().await? {
+            if container.get() == Some(&event.container_id) {
+                seen.push((event.container_id, event.container_event_type));
+                if event.container_event_type
+                    == cri::ContainerEventType::ContainerStartedEvent as i32
+                {
+                    return Ok(seen);
+                }
+            }
+        }
+        Ok(seen)
+    };
+    tokio::time::timeout(Duration::from_secs(60), events)
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(
+                "no started event within 60 s",
+            ))
+        })
 }
 
 /// Each grpc-go call's one message, decoded; every call must have succeeded with one.
@@ -211,25 +249,17 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
     let ip = sandbox_status.network.map(|n| n.ip).unwrap_or_default();
     assert!(!ip.is_empty(), "CNI gave the pod an address");
 
-    // kubelet's event stream: containerd 1.6 predates it and answers Unimplemented (kubelet
-    // then falls back to polling). Through nix-cri the answer must be exactly containerd's.
+    // kubelet's event stream, subscribed to straight and through nix-cri before the container
+    // is made: both must see the same events of it (containerd 2.x and CRI-O), or the same
+    // Unimplemented (containerd 1.6 predates it; kubelet then falls back to polling).
     // Streaming itself is covered against a scripted runtime in contract.rs.
-    let direct = runtime_client(containerd.socket())
-        .await
-        .unwrap()
-        .get_container_events(cri::GetEventsRequest::default())
-        .await;
-    let proxied = runtime
-        .get_container_events(cri::GetEventsRequest::default())
-        .await;
-    match (direct, proxied) {
-        (Err(direct), Err(proxied)) => {
-            assert_eq!(direct.code(), proxied.code());
-            assert_eq!(direct.message(), proxied.message());
-        }
-        (Ok(_), Ok(_)) => {}
-        (direct, proxied) => panic!("containerd said {direct:?}, nix-cri said {proxied:?}"),
-    }
+    let hello_id = Arc::new(OnceLock::new());
+    let events_direct = tokio::spawn(container_events(
+        runtime_client(containerd.socket()).await.unwrap(),
+        hello_id.clone(),
+    ));
+    let events_proxied = tokio::spawn(container_events(runtime.clone(), hello_id.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The closure's program runs and prints.
     let program = fx.str_at("/executable_bin");
@@ -243,12 +273,26 @@ async fn a_nix_pod_runs_on_real_containerd_like_kubelet_drives_it() {
         .unwrap_or_else(|e| panic!("create: {e}\n{}", nix_cri.log_tail()))
         .into_inner()
         .container_id;
+    hello_id.set(hello.clone()).unwrap();
     runtime
         .start_container(cri::StartContainerRequest {
             container_id: hello.clone(),
         })
         .await
         .unwrap_or_else(|e| panic!("start: {e}\n{}", containerd.diagnostics()));
+    let (direct, proxied) = (events_direct.await.unwrap(), events_proxied.await.unwrap());
+    match (direct, proxied) {
+        (Err(direct), Err(proxied)) => {
+            assert_eq!(containerd.kind(), RuntimeKind::Containerd16, "{direct:?}");
+            assert_eq!(direct.code(), proxied.code());
+            assert_eq!(direct.message(), proxied.message());
+        }
+        (Ok(direct), Ok(proxied)) => {
+            assert!(!direct.is_empty());
+            assert_eq!(direct, proxied);
+        }
+        (direct, proxied) => panic!("the runtime said {direct:?}, nix-cri said {proxied:?}"),
+    }
     assert_eq!(wait_exit(&mut runtime, &hello).await, 0);
     let log = std::fs::read_to_string(logs.path().join("hello.log")).unwrap();
     assert!(log.contains(fx.str_at("/expected_stdout").trim()), "{log}");

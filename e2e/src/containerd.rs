@@ -252,6 +252,10 @@ impl Containerd {
                 config_file.into(),
                 "--config-dir".into(),
                 path.join("crio.conf.d").into(),
+                // CRI-O's own (hidden) flag: containers/image's CONTAINERS_REGISTRIES_CONF is
+                // not what CRI-O reads.
+                "--registries-conf".into(),
+                path.join("registries.conf").into(),
             ]),
             _ => command.extend(["--config".into(), config_file.into()]),
         }
@@ -288,10 +292,6 @@ impl Containerd {
             .args(&self.command[1..])
             // containerd 2.x finds its own runc shim first, not Debian 1.6's.
             .env("PATH", path_var)
-            .env(
-                "CONTAINERS_REGISTRIES_CONF",
-                self.dir.path().join("registries.conf"),
-            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

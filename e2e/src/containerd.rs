@@ -283,14 +283,15 @@ impl Containerd {
             .write(true)
             .truncate(!append)
             .open(&self.log)?;
-        let path_var = format!(
-            "{}:{}",
-            peers_bin().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        // containerd finds its runc shim on PATH: 2.x must get its own (hack/peers/build), and
+        // 1.6 Debian's, which speaks the older shim API.
+        let system_path = std::env::var("PATH").unwrap_or_default();
+        let path_var = match self.kind {
+            RuntimeKind::Containerd16 => system_path,
+            _ => format!("{}:{system_path}", peers_bin().display()),
+        };
         let child = Command::new(&self.command[0])
             .args(&self.command[1..])
-            // containerd 2.x finds its own runc shim first, not Debian 1.6's.
             .env("PATH", path_var)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

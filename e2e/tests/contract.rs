@@ -1155,7 +1155,7 @@ fn raw_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 async fn bad_http2_from_a_caller_is_a_goaway_that_says_why() {
     let upstream = FakeUpstream::start().await;
     let proxy = start_proxy(&upstream.socket).await;
-    let cases: [(&str, Vec<u8>, u32, &str); 3] = [
+    let cases: [(&str, Vec<u8>, u32, &str); 5] = [
         // An index into an empty dynamic table.
         (
             "bad HPACK",
@@ -1175,6 +1175,15 @@ async fn bad_http2_from_a_caller_is_a_goaway_that_says_why() {
             raw_frame(0x9, 0x4, 1, &[0x82]),
             0x1,
             "CONTINUATION",
+        ),
+        // PINGs are answered here (RFC 9113 6.7): 8 bytes, on stream 0, or a connection error
+        // (found by h2spec 6.7/3 and 6.7/4; the answer was a malformed ACK).
+        ("short PING", raw_frame(0x6, 0, 0, &[0; 6]), 0x6, "PING"),
+        (
+            "PING on a stream",
+            raw_frame(0x6, 0, 1, &[0; 8]),
+            0x1,
+            "PING",
         ),
     ];
     for (what, bad, code, why) in cases {

@@ -472,6 +472,15 @@ impl Relay {
                 }
             }
             frame::PING => {
+                if frame.stream != 0 {
+                    return Err(FrameError::protocol("PING on a stream other than 0"));
+                }
+                if frame.payload().len() != 8 {
+                    return Err(FrameError {
+                        code: frame::FRAME_SIZE_ERROR,
+                        what: format!("PING of {} bytes, not 8", frame.payload().len()),
+                    });
+                }
                 if frame.has(frame::ACK) {
                     // The caller's answer to the runtime's PING.
                     if st.upstream_open {

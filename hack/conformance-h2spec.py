@@ -24,11 +24,6 @@ DROPS_FRAME = (
     "relay defect, issue 13: the relay drops this frame itself instead of answering "
     "a connection error"
 )
-ANSWERS_PING = (
-    "relay defect, issue 13: the relay answers the caller's PINGs itself (src/cri/relay.rs; "
-    "they are no longer passed on, so the runtime never sees this one) and checks neither "
-    "the stream nor the length, so it ACKs a PING that calls for a connection error"
-)
 
 # Cases that pass straight against the runtime and fail through nix-cri, known and accepted
 # for now, on every runtime. Each needs its reason; remove a case once the relay passes it.
@@ -38,7 +33,6 @@ ALLOWED = {
     "http2/5.1/12": DROPS_FRAME + " (HEADERS on a closed stream: ignored as at or below max_stream)",
     "http2/5.1.1/1": DROPS_FRAME + " (HEADERS on an even-numbered stream: ignored)",
     "http2/5.1.1/2": DROPS_FRAME + " (HEADERS on a stream below the highest seen: ignored)",
-    "http2/5.4.1/1": ANSWERS_PING + " (PING on a stream other than 0: ACKed on stream 0)",
     "http2/6.1/1": DROPS_FRAME + " (DATA on stream 0: swallowed and its window given back)",
     "http2/6.1/3": HIDES_RUNTIME_ERROR + " (forwarded DATA's padding is not checked)",
     "http2/6.2/3": DROPS_FRAME + " (HEADERS on stream 0: ignored as at or below max_stream)",
@@ -49,11 +43,6 @@ ALLOWED = {
     "http2/6.5/1": HIDES_RUNTIME_ERROR + " (SETTINGS ACK with a payload, passed on)",
     "http2/6.5/2": HIDES_RUNTIME_ERROR + " (SETTINGS on a stream other than 0, passed on)",
     "http2/6.5.2/2": HIDES_RUNTIME_ERROR + " (SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1, passed on)",
-    "http2/6.7/3": ANSWERS_PING + " (PING on a stream other than 0: ACKed on stream 0)",
-    "http2/6.7/4": ANSWERS_PING + (
-        " (PING of the wrong length: the ACK's header says length 8 but it carries the "
-        "caller's payload of another length, a malformed frame; h2spec times out)"
-    ),
     "http2/6.8/1": DROPS_FRAME + " (GOAWAY on a stream other than 0)",
     "http2/6.9/1": DROPS_FRAME + " (connection WINDOW_UPDATE of 0)",
     "http2/6.9.2/3": HIDES_RUNTIME_ERROR + " (SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1, passed on)",

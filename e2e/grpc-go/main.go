@@ -83,7 +83,11 @@ func (rawCodec) Unmarshal(data []byte, v interface{}) error {
 	return nil
 }
 
-func (rawCodec) Name() string { return "proto" }
+// Name is empty so that grpc-go sends `content-type: application/grpc`, as kubelet's client
+// does (a named codec makes it `application/grpc+NAME`). CRI-O's socket only takes HTTP/2
+// connections whose first request says exactly `application/grpc` (its cmux matcher) and resets
+// the others.
+func (rawCodec) Name() string { return "" }
 
 func describe(data []byte, keep bool) message {
 	sum := sha256.Sum256(data)

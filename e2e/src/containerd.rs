@@ -207,7 +207,7 @@ impl Containerd {
         let runc_wrapper = path.join("runc-wrapper");
         std::fs::write(
             &runc_wrapper,
-            runc_wrapper_script(&path.join("runc-failures.log")),
+            runc_wrapper_script(&path.join("runc-failures.log"), kind == RuntimeKind::Crio),
         )?;
         std::fs::set_permissions(
             &runc_wrapper,
@@ -305,6 +305,16 @@ impl Containerd {
     /// Which runtime this is.
     pub fn kind(&self) -> RuntimeKind {
         self.kind
+    }
+
+    /// Whether `id` is an image id as this runtime spells them: containerd's `sha256:<hex>`,
+    /// CRI-O's bare `<hex>`. nix-cri must report its images' ids the same way.
+    pub fn is_image_id(&self, id: &str) -> bool {
+        let hex = match self.kind {
+            RuntimeKind::Crio => Some(id),
+            RuntimeKind::Containerd2 | RuntimeKind::Containerd16 => id.strip_prefix("sha256:"),
+        };
+        hex.is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
     }
 
     /// `127.0.0.1:PORT` of the loopback registry that serves pause and busybox.
@@ -668,12 +678,36 @@ fn take_subnet() -> anyhow::Result<(u8, File)> {
     bail!("all test subnets 10.244.{SUBNETS:?}.0/24 are in use")
 }
 
-fn runc_wrapper_script(failures: &Path) -> String {
+/// The runc the runtime runs: Debian's, with its error log kept. With `clamp_oom_score_adj`
+/// it also raises a negative `oomScoreAdj` in the bundle's config.json (or an exec's process
+/// file) to the wrapper's own value first, as containerd's `restrict_oom_score_adj` does: this
+/// VM's root lacks CAP_SYS_RESOURCE, so runc cannot lower a process's oom_score_adj
+/// ("failed to update /proc/self/oom_score_adj: Permission denied"), and CRI-O, which gives
+/// its infra containers -998, has no such option. A real node's runtime has the capability.
+fn runc_wrapper_script(failures: &Path, clamp_oom_score_adj: bool) -> String {
+    let clamp = if clamp_oom_score_adj {
+        r#"own=$(cat /proc/self/oom_score_adj)
+prev=""
+for a in "$@"; do
+  case "$prev" in
+    --bundle|-b) f="$a/config.json" ;;
+    --process|-p) f="$a" ;;
+    *) f="" ;;
+  esac
+  if [ -n "$f" ] && [ -f "$f" ]; then
+    sed -i -E "s/(\"oomScoreAdj\": *)-[0-9]+/\1$own/" "$f"
+  fi
+  prev="$a"
+done
+"#
+    } else {
+        ""
+    };
     format!(
         r#"#!/bin/sh
 # runc, but when it fails its own error log (--log FILE, usually the bundle's log.json) is
 # appended to {failures} so it survives the bundle's removal.
-{RUNC} "$@"
+{clamp}{RUNC} "$@"
 rc=$?
 if [ "$rc" -ne 0 ]; then
   log=""; prev=""
@@ -870,6 +904,8 @@ container_exits_dir = "{d}/exits"
 container_attach_socket_dir = "{d}/attach"
 hooks_dir = []
 log_level = "info"
+# GetContainerEvents (kubelet's evented PLEG) streams nothing without it.
+enable_pod_events = true
 
 [crio.runtime.runtimes.runc]
 runtime_path = "{runc}"
@@ -880,6 +916,8 @@ monitor_cgroup = "pod"
 
 [crio.image]
 pause_image = "{pause_image}"
+# Empty: run the pause image's own command (ours is busybox, not k8s' /pause).
+pause_command = ""
 signature_policy = "{d}/policy.json"
 
 [crio.network]

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use http::Response;
 use k8s_cri::v1 as cri;
@@ -68,7 +69,7 @@ impl Proxy {
         let (uid, username) = crate::image::spec::load(&self.store, &image.top)?.user_ids();
         let reference = format!("nix:0{}", image.top);
         Ok(cri::Image {
-            id: image.id.clone(),
+            id: self.id_form.get().spell(&image.id),
             repo_tags: vec![reference.clone()],
             repo_digests: Vec::new(),
             // kubelet treats size 0 as an error: the closure plus the root image.
@@ -137,7 +138,10 @@ impl Proxy {
             .await
             .ok()
             .and_then(|status| status.into_inner().image)
-            .is_some_and(|image| image.id == id);
+            .is_some_and(|image| {
+                self.id_form.learn(&image.id);
+                normalise_id(&image.id) == id
+            });
         if !present {
             let pulled = self
                 .upstream
@@ -150,7 +154,8 @@ impl Proxy {
                 .await
                 .map_err(CriError::upstream)?
                 .into_inner();
-            if pulled.image_ref != id {
+            self.id_form.learn(&pulled.image_ref);
+            if normalise_id(&pulled.image_ref) != id {
                 tracing::warn!(
                     runtime = %pulled.image_ref, ours = %id,
                     "the runtime reports another id for the root image than its config digest"
@@ -173,8 +178,9 @@ impl Proxy {
         .await
         .map_err(|e| CriError::Internal(e.to_string()))??;
         tracing::info!(image = %reference, %id, paths = realised.closure.len(), fetched = realised.fetched.len(), "pulled nix image");
+        let image_ref = self.id_form.get().spell(&id);
         Ok(grpc::message_response(
-            &cri::PullImageResponse { image_ref: id }.encode_to_vec(),
+            &cri::PullImageResponse { image_ref }.encode_to_vec(),
         ))
     }
 
@@ -247,6 +253,13 @@ impl Proxy {
             Ok(response) => response,
             Err(response) => return Ok(response),
         };
+        // Learnt before our images are spelt: the runtime's own ids show its spelling.
+        let runtime_ids: Vec<String> = cri::ListImagesResponse::decode(response.message()?)
+            .map(|list| list.images.into_iter().map(|i| i.id).collect())
+            .unwrap_or_default();
+        if let Some(first) = runtime_ids.first() {
+            self.id_form.learn(first);
+        }
         // Every nix image's closure size and spec, read from the store: on a blocking thread,
         // as the proxy's one async thread keeps forwarding other calls meanwhile.
         let proxy = self.clone();
@@ -273,7 +286,7 @@ impl Proxy {
                 let id = cri::Image::decode(field.value)
                     .map(|i| i.id)
                     .unwrap_or_default();
-                Ok(if ids.contains(id.as_str()) {
+                Ok(if ids.contains(normalise_id(&id).as_str()) {
                     Edit::Drop
                 } else {
                     Edit::Keep
@@ -407,9 +420,70 @@ impl Proxy {
     }
 }
 
+/// How a runtime spells image ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum IdForm {
+    /// `sha256:<hex>`: containerd, and what nix-cri assumes until the runtime shows otherwise.
+    Prefixed,
+    /// `<hex>`: CRI-O.
+    Bare,
+}
+
+impl IdForm {
+    /// The form of `id`, if it is an image id at all.
+    fn of(id: &str) -> Option<Self> {
+        if is_hex_digest(id) {
+            Some(Self::Bare)
+        } else if id.strip_prefix("sha256:").is_some_and(is_hex_digest) {
+            Some(Self::Prefixed)
+        } else {
+            None
+        }
+    }
+
+    /// `id` (`sha256:<hex>` or `<hex>`) spelt this way.
+    pub(super) fn spell(self, id: &str) -> String {
+        let hex = id.strip_prefix("sha256:").unwrap_or(id);
+        match self {
+            Self::Prefixed => format!("sha256:{hex}"),
+            Self::Bare => hex.to_owned(),
+        }
+    }
+}
+
+/// The runtime's [`IdForm`], learnt from the ids in its answers; [`IdForm::Prefixed`] until
+/// one is seen. A runtime never changes its spelling, so the last id seen decides.
+#[derive(Debug, Default)]
+pub(super) struct LearntIdForm(AtomicU8);
+
+impl LearntIdForm {
+    const BARE: u8 = 1;
+
+    pub(super) fn get(&self) -> IdForm {
+        if self.0.load(Ordering::Relaxed) == Self::BARE {
+            IdForm::Bare
+        } else {
+            IdForm::Prefixed
+        }
+    }
+
+    /// Learns from an id the runtime reported; anything that is not an image id says nothing.
+    pub(super) fn learn(&self, runtime_id: &str) {
+        match IdForm::of(runtime_id) {
+            Some(IdForm::Bare) => self.0.store(Self::BARE, Ordering::Relaxed),
+            Some(IdForm::Prefixed) => self.0.store(0, Ordering::Relaxed),
+            None => {}
+        }
+    }
+}
+
+fn is_hex_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Image ids come as `sha256:<hex>` or bare `<hex>`.
-fn normalise_id(image: &str) -> String {
-    if image.len() == 64 && image.bytes().all(|b| b.is_ascii_hexdigit()) {
+pub(super) fn normalise_id(image: &str) -> String {
+    if is_hex_digest(image) {
         format!("sha256:{image}")
     } else {
         image.to_owned()
@@ -426,4 +500,43 @@ fn wanted_holder(wanted: &Wanted) -> String {
 fn device_of(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| m.dev())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "5f4b2de564623914064f679d13fb2df6f206ef67e3b58cbb1bdb02d02c2bdb6d";
+
+    #[test]
+    fn ids_take_the_runtimes_spelling() {
+        let form = LearntIdForm::default();
+        let ours = format!("sha256:{HEX}");
+        assert_eq!(
+            form.get().spell(&ours),
+            ours,
+            "containerd's spelling until told"
+        );
+        // Neither a reference nor a repo digest says how ids are spelt.
+        form.learn("registry.k8s.io/pause:3.9");
+        form.learn(&format!("repo@sha256:{HEX}"));
+        assert_eq!(form.get(), IdForm::Prefixed);
+        form.learn(HEX);
+        assert_eq!(form.get(), IdForm::Bare);
+        assert_eq!(form.get().spell(&ours), HEX);
+        assert_eq!(form.get().spell(HEX), HEX);
+        form.learn(&ours);
+        assert_eq!(form.get().spell(HEX), ours);
+    }
+
+    #[test]
+    fn either_spelling_names_the_same_image() {
+        assert_eq!(normalise_id(HEX), format!("sha256:{HEX}"));
+        assert_eq!(
+            normalise_id(&format!("sha256:{HEX}")),
+            format!("sha256:{HEX}")
+        );
+        assert_eq!(normalise_id("busybox"), "busybox");
+        assert_eq!(IdForm::of(&HEX[1..]), None);
+    }
 }

@@ -86,6 +86,8 @@ pub struct Proxy {
     config: ProxyConfig,
     /// Whether each sandbox seen opted in; filled at RunPodSandbox, else asked of the runtime.
     sandboxes: Mutex<HashMap<String, bool>>,
+    /// How the runtime spells image ids, learnt from its answers (see [`images::IdForm`]).
+    id_form: images::LearntIdForm,
 }
 
 impl Proxy {
@@ -102,6 +104,7 @@ impl Proxy {
             images,
             config,
             sandboxes: Mutex::new(HashMap::new()),
+            id_form: images::LearntIdForm::default(),
         })
     }
 

@@ -320,9 +320,14 @@ impl Proxy {
                 .as_ref()
                 .map(|i| i.image.as_str())
                 .unwrap_or_default();
+            self.id_form.learn(&container.image_ref);
+            let (image_id, image_ref) = (
+                super::images::normalise_id(image_id),
+                super::images::normalise_id(&container.image_ref),
+            );
             if let Some(image) = images
                 .iter()
-                .find(|i| i.id == image_id || i.id == container.image_ref)
+                .find(|i| i.id == image_id || i.id == image_ref)
             {
                 wanted.push((container.id.clone(), image.top.clone()));
             }

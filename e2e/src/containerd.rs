@@ -307,6 +307,15 @@ impl Containerd {
         self.kind
     }
 
+    /// An image's config digest (`sha256:<hex>`) spelt as this runtime spells image ids.
+    pub fn image_id(&self, config_digest: &str) -> String {
+        let hex = config_digest.trim_start_matches("sha256:");
+        match self.kind {
+            RuntimeKind::Crio => hex.to_owned(),
+            RuntimeKind::Containerd2 | RuntimeKind::Containerd16 => format!("sha256:{hex}"),
+        }
+    }
+
     /// Whether `id` is an image id as this runtime spells them: containerd's `sha256:<hex>`,
     /// CRI-O's bare `<hex>`. nix-cri must report its images' ids the same way.
     pub fn is_image_id(&self, id: &str) -> bool {

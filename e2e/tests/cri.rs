@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use nix_cri::cri::SANDBOX_ANNOTATION;
 use nix_cri_e2e::containerd::{
     Containerd, RuntimeKind, image_client, image_spec, remove_pod, runtime_client,
 };
@@ -662,30 +663,101 @@ async fn nix_images_need_the_runtime_class() {
         .unwrap()
         .into_inner();
     assert_eq!(by_reference.image.map(|i| i.id), Some(image_id.clone()));
+    // A pod without the RuntimeClass, whose own annotations claim the opt-in: kubelet copies
+    // pod annotations into the sandbox config, so a pod can name nix-cri's annotation itself.
     let logs = tempfile::tempdir().unwrap();
+    let mut plain_pod = sandbox_config("plain-pod", logs.path());
+    plain_pod
+        .annotations
+        .insert(SANDBOX_ANNOTATION.into(), "nix".into());
     let sandbox = runtime
         .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(sandbox_config("plain-pod", logs.path())),
+            config: Some(plain_pod.clone()),
             runtime_handler: String::new(),
         })
         .await
         .unwrap()
         .into_inner()
         .pod_sandbox_id;
-    let status = runtime
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: sandbox.clone(),
-            config: Some(container_config("c", &image_id, &pod_image, &["/x"])),
-            sandbox_config: Some(sandbox_config("plain-pod", logs.path())),
+    let refused = |what: &str, status: tonic::Status| {
+        assert_eq!(
+            status.code(),
+            tonic::Code::FailedPrecondition,
+            "{what}: {status:?}"
+        );
+        assert!(
+            status.message().contains("runtimeClassName: nix"),
+            "{}",
+            status.message()
+        );
+    };
+    let create_in_plain_pod = cri::CreateContainerRequest {
+        pod_sandbox_id: sandbox.clone(),
+        config: Some(container_config("c", &image_id, &pod_image, &["/x"])),
+        sandbox_config: Some(plain_pod.clone()),
+    };
+    refused(
+        "CreateContainer",
+        runtime
+            .create_container(create_in_plain_pod.clone())
+            .await
+            .unwrap_err(),
+    );
+    // The claim never reached the runtime, so nix-cri restarted on the same store, which asks
+    // the runtime, refuses too. The rest of the test talks to the restarted one.
+    let mut nix_cri = nix_cri;
+    nix_cri.kill();
+    let restarted =
+        NixCriServer::start_with_root(containerd.socket(), &cache.url(), Some(&nix_cri.root), &[])
+            .await
+            .unwrap();
+    let mut runtime = runtime_client(&restarted.socket).await.unwrap();
+    let mut images = image_client(&restarted.socket).await.unwrap();
+    refused(
+        "CreateContainer after a restart",
+        runtime
+            .create_container(create_in_plain_pod)
+            .await
+            .unwrap_err(),
+    );
+    // kubelet's PullImage names the pod: refused before anything is fetched.
+    let other_image = format!("nix:0{}", fx.closure("overlap"));
+    refused(
+        "PullImage",
+        images
+            .pull_image(cri::PullImageRequest {
+                image: image_spec(&other_image),
+                sandbox_config: Some(plain_pod.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+    );
+    let overlap_top = nix_cri
+        .root
+        .join(fx.closure("overlap").trim_start_matches('/'));
+    assert!(!overlap_top.exists(), "nothing fetched for a refused pull");
+    // A pod that opted in pulls with its config.
+    let nix_pod = sandbox_config("nix-pod", logs.path());
+    let nix_sandbox = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(nix_pod.clone()),
+            runtime_handler: "nix".into(),
         })
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        status.message().contains("runtimeClassName: nix"),
-        "{}",
-        status.message()
-    );
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    images
+        .pull_image(cri::PullImageRequest {
+            image: image_spec(&other_image),
+            sandbox_config: Some(nix_pod),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("pull for an opted-in pod: {e}\n{}", restarted.log_tail()));
+    assert!(overlap_top.exists());
+    remove_pod(&mut runtime, &nix_sandbox).await.unwrap();
 
     // The Status call reports the nix handler.
     let status = runtime

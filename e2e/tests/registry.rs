@@ -289,7 +289,7 @@ async fn an_image_spec_runs_its_entrypoint_with_its_links() {
     let mut images = containerd.images().await.unwrap();
     let mut runtime = containerd.runtime().await.unwrap();
     let image_ref = pull(&mut images, &reference).await;
-    assert_eq!(image_ref, ours.id());
+    assert_eq!(image_ref, containerd.image_id(ours.id()));
 
     let log_dir = containerd.scratch_dir("spec-pod").unwrap();
     let pod = pod_config("spec-pod", &log_dir, true);
@@ -308,7 +308,12 @@ async fn an_image_spec_runs_its_entrypoint_with_its_links() {
             name: name.to_owned(),
             attempt: 0,
         }),
-        image: image_spec(image_ref.clone()),
+        // As kubelet sends it: the id, and the pod's own string (CRI-O needs the latter).
+        image: Some(cri::ImageSpec {
+            image: image_ref.clone(),
+            user_specified_image: reference.clone(),
+            ..Default::default()
+        }),
         command: command.iter().map(|s| s.to_string()).collect(),
         log_path: format!("{name}.log"),
         mounts: mounts.clone(),
@@ -363,10 +368,11 @@ async fn a_root_image_runs_a_closure_from_the_store() {
         .await
         .unwrap()
         .into_inner();
-    // The one rule: the runtime's id for the root image is its config digest.
-    assert_eq!(pulled.image_ref, ours.id());
+    // The one rule: the runtime's id for the root image is its config digest (spelt as the
+    // runtime spells ids).
+    assert_eq!(pulled.image_ref, containerd.image_id(ours.id()));
 
-    for by in [ours.id().to_owned(), reference.clone()] {
+    for by in [containerd.image_id(ours.id()), reference.clone()] {
         let image = images
             .image_status(cri::ImageStatusRequest {
                 image: image_spec(by.clone()),
@@ -377,7 +383,7 @@ async fn a_root_image_runs_a_closure_from_the_store() {
             .into_inner()
             .image
             .unwrap_or_else(|| panic!("ImageStatus({by}) found nothing"));
-        assert_eq!(image.id, ours.id());
+        assert_eq!(image.id, containerd.image_id(ours.id()));
         assert_eq!(image.repo_tags, std::slice::from_ref(&reference));
         let repo = reference.rsplit_once(':').unwrap().0;
         assert_eq!(
@@ -509,13 +515,13 @@ async fn a_root_image_runs_a_closure_from_the_store() {
     remove_pod(&mut runtime, &pod_id).await.unwrap();
     images
         .remove_image(cri::RemoveImageRequest {
-            image: image_spec(ours.id().to_owned()),
+            image: image_spec(containerd.image_id(ours.id())),
         })
         .await
         .unwrap();
     let gone = images
         .image_status(cri::ImageStatusRequest {
-            image: image_spec(ours.id().to_owned()),
+            image: image_spec(containerd.image_id(ours.id())),
             verbose: false,
         })
         .await

@@ -94,6 +94,22 @@ impl Proxy {
         if !is_nix_reference(&image) {
             return Ok(self.forward_unchanged(unary).await);
         }
+        // kubelet's pulls name the pod they are for: one that did not opt in is refused before
+        // anything is fetched. Pulls without a pod (crictl pull) are checked at CreateContainer.
+        if let Some(config) = &request.sandbox_config
+            && !self.pod_opted_in(config).await?
+        {
+            let pod = config
+                .metadata
+                .as_ref()
+                .map(|m| format!("of pod {}/{} (uid {})", m.namespace, m.name, m.uid))
+                .unwrap_or_else(|| "(a config without metadata)".to_owned());
+            return Err(CriError::NotOptedIn {
+                image,
+                sandbox: pod,
+                handler: self.config.runtime_handler.clone(),
+            });
+        }
         let metrics = crate::metrics::global();
         let timer = metrics.pull_duration.start_timer();
         let result = self.pull_nix_image(&image).await;

@@ -18,50 +18,85 @@ use super::{CriError, Proxy, SANDBOX_ANNOTATION, Unary};
 
 impl Proxy {
     /// A sandbox whose handler is ours is forwarded with the runtime's handler and marked
-    /// with an annotation the runtime keeps, so the opt-in survives our restarts.
+    /// with an annotation the runtime keeps, so the opt-in survives our restarts. Only nix-cri
+    /// may set that annotation: kubelet copies a pod's own annotations into the sandbox config,
+    /// so a pod that names it itself has it dropped, whatever its handler.
     pub(super) async fn run_pod_sandbox(
         self: Arc<Self>,
         unary: Unary,
     ) -> Result<Response<Body>, CriError> {
         let request: cri::RunPodSandboxRequest = unary.decode("RunPodSandbox")?;
-        if request.runtime_handler != self.config.runtime_handler {
+        let opting_in = request.runtime_handler == self.config.runtime_handler;
+        let claimed = request
+            .config
+            .as_ref()
+            .is_some_and(|c| c.annotations.contains_key(SANDBOX_ANNOTATION));
+        if claimed {
+            let pod = request.config.as_ref().and_then(|c| c.metadata.as_ref());
+            tracing::warn!(
+                pod = %pod.map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default(),
+                "the pod's own annotations name {SANDBOX_ANNOTATION}: dropped, only the \
+                 RuntimeClass handler opts a pod in"
+            );
+        }
+        if !opting_in && !claimed {
             return Ok(self.forward_unchanged(unary).await);
         }
         let mut append = BytesMut::new();
-        if !self.config.upstream_runtime_handler.is_empty() {
+        if opting_in {
+            if !self.config.upstream_runtime_handler.is_empty() {
+                wire::put_len_field(
+                    &mut append,
+                    2,
+                    self.config.upstream_runtime_handler.as_bytes(),
+                );
+            }
+            // config (1) → annotations (7): one more map entry, merged into the config as sent.
+            let mut config_patch = BytesMut::new();
             wire::put_len_field(
-                &mut append,
-                2,
-                self.config.upstream_runtime_handler.as_bytes(),
+                &mut config_patch,
+                7,
+                &wire::map_entry(SANDBOX_ANNOTATION, &self.config.runtime_handler),
             );
+            wire::put_len_field(&mut append, 1, &config_patch);
         }
-        // config (1) → annotations (7): one more map entry, merged into the config as sent.
-        let mut config_patch = BytesMut::new();
-        wire::put_len_field(
-            &mut config_patch,
-            7,
-            &wire::map_entry(SANDBOX_ANNOTATION, &self.config.runtime_handler),
-        );
-        wire::put_len_field(&mut append, 1, &config_patch);
-        let patched = wire::rewrite(
-            unary.message()?,
-            |field| {
-                Ok(if field.number == 2 {
-                    Edit::Drop
-                } else {
-                    Edit::Keep
-                })
-            },
-            &append,
-        )?;
+        let patched = without_opt_in_claims(unary.message()?, opting_in, &append)?;
         let response = match self.forward_and_read(&unary, &patched).await {
             Ok(response) => response,
             Err(response) => return Ok(response),
         };
         if let Ok(created) = cri::RunPodSandboxResponse::decode(response.message()?) {
-            self.remember_sandbox(created.pod_sandbox_id, true);
+            self.remember_sandbox(created.pod_sandbox_id, opting_in);
         }
         Ok(response.unchanged())
+    }
+
+    /// Whether the pod a PullImage names (by its sandbox config) has a sandbox that opted in.
+    /// kubelet runs a pod's sandbox before it pulls the pod's images, so a pod with no such
+    /// sandbox has not opted in either. Asked of the runtime: pulls of nix images are rare, and
+    /// the runtime's list survives our restarts.
+    pub(super) async fn pod_opted_in(
+        &self,
+        config: &cri::PodSandboxConfig,
+    ) -> Result<bool, CriError> {
+        if self.config.allow_all_sandboxes {
+            return Ok(true);
+        }
+        let Some(uid) = config.metadata.as_ref().map(|m| m.uid.as_str()) else {
+            return Ok(false);
+        };
+        let sandboxes = self
+            .upstream
+            .runtime()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .map_err(CriError::upstream)?
+            .into_inner()
+            .items;
+        Ok(sandboxes.iter().any(|sandbox| {
+            sandbox.metadata.as_ref().is_some_and(|m| m.uid == uid)
+                && sandbox.annotations.get(SANDBOX_ANNOTATION) == Some(&self.config.runtime_handler)
+        }))
     }
 
     pub(super) async fn remove_pod_sandbox(
@@ -360,10 +395,118 @@ impl Proxy {
     }
 }
 
+/// A `RunPodSandboxRequest` without the [`SANDBOX_ANNOTATION`] entries of its config's
+/// annotations (config = 1, annotations = 7), without its runtime handler (2) when
+/// `drop_handler`, and with `append` added. Every other byte stays as sent.
+fn without_opt_in_claims(
+    message: &[u8],
+    drop_handler: bool,
+    append: &[u8],
+) -> Result<bytes::Bytes, wire::WireError> {
+    wire::rewrite(
+        message,
+        |field| match field.number {
+            1 if field.wire_type == wire::WIRE_LEN => {
+                let mut dropped = false;
+                let config = wire::rewrite(
+                    field.value,
+                    |entry| {
+                        if entry.number == 7
+                            && entry.wire_type == wire::WIRE_LEN
+                            && map_key(entry.value)? == Some(SANDBOX_ANNOTATION.as_bytes())
+                        {
+                            dropped = true;
+                            return Ok(Edit::Drop);
+                        }
+                        Ok(Edit::Keep)
+                    },
+                    &[],
+                )?;
+                Ok(if dropped {
+                    Edit::Replace(wire::len_field(1, &config))
+                } else {
+                    Edit::Keep
+                })
+            }
+            2 if drop_handler => Ok(Edit::Drop),
+            _ => Ok(Edit::Keep),
+        },
+        append,
+    )
+}
+
+/// The key (1) of an encoded map entry.
+fn map_key(entry: &[u8]) -> Result<Option<&[u8]>, wire::WireError> {
+    for field in wire::fields(entry) {
+        let field = field?;
+        if field.number == 1 && field.wire_type == wire::WIRE_LEN {
+            return Ok(Some(field.value));
+        }
+    }
+    Ok(None)
+}
+
 /// How a container gets its image's closure.
 enum ClosureMounts {
     /// One read-only bind mount of the closure's view at /nix/store.
     View(std::path::PathBuf),
     /// One read-only bind mount per path, when no view can be built.
     Paths(std::collections::BTreeSet<crate::nix::StorePath>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(annotations: &[(&str, &str)], handler: &str) -> Vec<u8> {
+        cri::RunPodSandboxRequest {
+            config: Some(cri::PodSandboxConfig {
+                hostname: "pod".into(),
+                annotations: annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }),
+            runtime_handler: handler.into(),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_pods_own_opt_in_annotation_is_dropped() {
+        let sent = request(&[(SANDBOX_ANNOTATION, "nix"), ("team", "a")], "");
+        let patched = without_opt_in_claims(&sent, false, &[]).unwrap();
+        let got = cri::RunPodSandboxRequest::decode(patched).unwrap();
+        let config = got.config.unwrap();
+        assert_eq!(config.annotations.len(), 1);
+        assert_eq!(config.annotations["team"], "a");
+        assert_eq!(config.hostname, "pod");
+    }
+
+    #[test]
+    fn without_a_claim_every_byte_stays() {
+        let sent = request(&[("team", "a")], "runc");
+        let patched = without_opt_in_claims(&sent, false, &[]).unwrap();
+        assert_eq!(&patched[..], &sent[..]);
+    }
+
+    #[test]
+    fn an_opted_in_sandbox_gets_our_annotation_only() {
+        // The pod claims another value; ours is the one the runtime keeps.
+        let sent = request(&[(SANDBOX_ANNOTATION, "forged")], "nix");
+        let mut config_patch = BytesMut::new();
+        wire::put_len_field(
+            &mut config_patch,
+            7,
+            &wire::map_entry(SANDBOX_ANNOTATION, "nix"),
+        );
+        let append = wire::len_field(1, &config_patch);
+        let patched = without_opt_in_claims(&sent, true, &append).unwrap();
+        let got = cri::RunPodSandboxRequest::decode(patched.clone()).unwrap();
+        assert_eq!(got.runtime_handler, "");
+        assert_eq!(got.config.unwrap().annotations[SANDBOX_ANNOTATION], "nix");
+        let forged = wire::map_entry(SANDBOX_ANNOTATION, "forged");
+        assert!(!patched.windows(forged.len()).any(|w| w == &forged[..]));
+    }
 }

@@ -16,6 +16,8 @@ pub enum Systemctl {
     Enable(String),
     Disable(String),
     Restart(String),
+    /// `reload`: the unit re-reads its configuration without a restart (CRI-O: SIGHUP).
+    Reload(String),
     Stop(String),
     /// `is-active --quiet`: success means active.
     IsActive(String),
@@ -30,6 +32,7 @@ impl Systemctl {
             Systemctl::Enable(unit) => vec!["enable", unit],
             Systemctl::Disable(unit) => vec!["disable", unit],
             Systemctl::Restart(unit) => vec!["restart", unit],
+            Systemctl::Reload(unit) => vec!["reload", unit],
             Systemctl::Stop(unit) => vec!["stop", unit],
             Systemctl::IsActive(unit) => vec!["is-active", "--quiet", unit],
             Systemctl::IsEnabled(unit) => vec!["is-enabled", "--quiet", unit],

@@ -12,8 +12,10 @@
 //! 2. Label the node `nix-cri.io/ready=false` if anything is to be done.
 //! 3. Write `/usr/local/bin/nix-cri`, `/etc/nix-cri/config.toml` and
 //!    `/etc/systemd/system/nix-cri.service`, each backed up first ([`backup`]).
+//!    In front of CRI-O it also writes [`CRIO_REGISTRIES`], which declares nix-cri's loopback
+//!    registry insecure (plain HTTP), and `systemctl reload crio.service` when that changed.
 //! 4. `systemctl daemon-reload` (unit changed), `enable` (unit changed or not enabled),
-//!    `restart nix-cri.service` (any of the three changed, or not active).
+//!    `restart nix-cri.service` (any of nix-cri's three files changed, or not active).
 //! 5. Wait until nix-cri's socket answers CRI `Version` (bounded).
 //! 6. Only then edit kubelet's file (backed up first) and `restart kubelet.service`: a nix-cri
 //!    that does not come up leaves kubelet as it was.
@@ -57,6 +59,10 @@ pub const CONFIG: &str = "/etc/nix-cri/config.toml";
 pub const UNIT: &str = "/etc/systemd/system/nix-cri.service";
 pub const UNIT_NAME: &str = "nix-cri.service";
 pub const KUBELET_UNIT: &str = "kubelet.service";
+/// CRI-O's registries drop-in: containers/image pulls over plain HTTP only from registries
+/// declared insecure, and nix-cri's embedded registry serves root images on loopback HTTP.
+pub const CRIO_REGISTRIES: &str = "/etc/containers/registries.conf.d/50-nix-cri.conf";
+pub const CRIO_UNIT_NAME: &str = "crio.service";
 /// How long [`install`] waits for nix-cri's socket by default.
 pub const DEFAULT_SOCKET_TIMEOUT: Duration = Duration::from_secs(120);
 /// Between two probes of the socket.
@@ -67,10 +73,15 @@ pub fn on_host(host_root: &Path, path: &Path) -> PathBuf {
     host_root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
+/// Whether nix-cri forwards to CRI-O (its socket is `…/crio/crio.sock` or `crio.sock`).
+pub fn upstream_is_crio(upstream: &Path) -> bool {
+    upstream.to_string_lossy().contains("crio")
+}
+
 /// The systemd unit, ordered after the runtime nix-cri forwards to and before kubelet.
 pub fn unit_text(upstream: &Path) -> String {
-    let runtime = if upstream.to_string_lossy().contains("crio") {
-        "crio.service"
+    let runtime = if upstream_is_crio(upstream) {
+        CRIO_UNIT_NAME
     } else {
         "containerd.service"
     };
@@ -95,6 +106,20 @@ LimitNOFILE=1048576
 
 [Install]
 WantedBy=multi-user.target
+"
+    )
+}
+
+/// [`CRIO_REGISTRIES`]: nix-cri's registry, on loopback, declared insecure. Only that address:
+/// every other registry keeps CRI-O's TLS rules.
+pub fn crio_registries_text(registry: std::net::SocketAddr) -> String {
+    format!(
+        "# Written by `nix-cri install`, removed by `nix-cri uninstall`. nix-cri's embedded
+# registry serves the root images of nix: images to this node's CRI-O over plain HTTP on
+# loopback; containers/image pulls over plain HTTP only from registries declared insecure.
+[[registry]]
+location = \"{registry}\"
+insecure = true
 "
     )
 }
@@ -227,11 +252,16 @@ pub async fn install(opts: &InstallOptions, host: &Host<'_>) -> Result<Report, I
         })?;
     let mut backups = Backups::open(root)?;
 
-    let files: [(&str, &[u8], u32); 3] = [
+    let crio = upstream_is_crio(&config.upstream());
+    let crio_registries = crio_registries_text(config.proxy_config()?.registry_addr);
+    let mut files: Vec<(&str, &[u8], u32)> = vec![
         (BINARY, &binary, 0o755),
         (CONFIG, &config_bytes, 0o644),
         (UNIT, unit.as_bytes(), 0o644),
     ];
+    if crio {
+        files.push((CRIO_REGISTRIES, crio_registries.as_bytes(), 0o644));
+    }
     // Files found as they should be are not looked at again below: on a watch pass where
     // nothing drifted, each is read once (and not at all if its size differs).
     let mut stale = Vec::new();
@@ -258,7 +288,18 @@ pub async fn install(opts: &InstallOptions, host: &Host<'_>) -> Result<Report, I
         }
     }
 
-    // 4. systemd.
+    // 4. systemd. CRI-O re-reads its registries on reload; nix-cri restarts for its own files.
+    let registries_changed = report
+        .changed
+        .iter()
+        .any(|p| p == Path::new(CRIO_REGISTRIES));
+    if registries_changed {
+        host.run(Systemctl::Reload(CRIO_UNIT_NAME.into()))?;
+    }
+    let nix_cri_changed = report
+        .changed
+        .iter()
+        .any(|p| p != Path::new(CRIO_REGISTRIES));
     let unit_changed = report.changed.iter().any(|p| p == Path::new(UNIT));
     if unit_changed {
         host.run(Systemctl::DaemonReload)?;
@@ -266,7 +307,7 @@ pub async fn install(opts: &InstallOptions, host: &Host<'_>) -> Result<Report, I
     if unit_changed || !enabled {
         host.run(Systemctl::Enable(UNIT_NAME.into()))?;
     }
-    if !report.changed.is_empty() || !active {
+    if nix_cri_changed || !active {
         host.run(Systemctl::Restart(UNIT_NAME.into()))?;
         report.restarted.push(UNIT_NAME.into());
     }
@@ -386,6 +427,14 @@ pub async fn uninstall(host_root: &Path, host: &Host<'_>) -> Result<Report, Inst
     }
     if report.changed.iter().any(|p| p == Path::new(UNIT)) {
         host.run(Systemctl::DaemonReload)?;
+    }
+    if report
+        .changed
+        .iter()
+        .any(|p| p == Path::new(CRIO_REGISTRIES))
+    {
+        host.run(Systemctl::Reload(CRIO_UNIT_NAME.into()))?;
+        report.restarted.push(format!("{CRIO_UNIT_NAME} (reload)"));
     }
     backups.remove_all()?;
     Ok(report)

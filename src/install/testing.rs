@@ -73,6 +73,7 @@ impl HostSystem for FakeSystemd {
                 active.insert(unit.clone());
                 true
             }
+            Systemctl::Reload(_) => true,
             Systemctl::Stop(unit) => {
                 active.remove(unit);
                 true

@@ -505,11 +505,25 @@ async fn config_is_required_once_and_checked() {
         "upstream = \"/var/run/crio/crio.sock\"\nsubstituters = [\"file:///cache\"]\n",
     )
     .unwrap();
+    f.fake.recorder.take();
     install(&f.opts, &f.fake.host()).await.unwrap();
     assert!(read(&f.root, UNIT).contains("After=network-online.target crio.service"));
+    // CRI-O pulls root images over plain HTTP only from a registry declared insecure; it
+    // re-reads its registries on reload.
+    let registries = read(&f.root, CRIO_REGISTRIES);
+    assert!(
+        registries.contains("location = \"127.0.0.1:") && registries.contains("insecure = true"),
+        "{registries}"
+    );
+    let reload = Event::Systemctl(Systemctl::Reload(unit(CRIO_UNIT_NAME)));
+    assert!(f.fake.recorder.take().contains(&reload));
     f.opts.config = None;
     let report = install(&f.opts, &f.fake.host()).await.unwrap();
     assert!(report.is_empty(), "{report:?}");
+    // Uninstalled, the drop-in goes, and CRI-O forgets it.
+    uninstall(&f.root, &f.fake.host()).await.unwrap();
+    assert!(!on_host(&f.root, Path::new(CRIO_REGISTRIES)).exists());
+    assert!(f.fake.recorder.take().contains(&reload));
 }
 
 #[tokio::test]

@@ -131,7 +131,9 @@ pub trait Readiness: Send + Sync + 'static {
     /// `Err` says why not.
     fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
     /// Refreshes gauges that are read rather than counted (store size) before a scrape.
-    fn refresh(&self) {}
+    fn refresh(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
@@ -165,7 +167,7 @@ pub async fn serve(addr: SocketAddr, readiness: Arc<dyn Readiness>) -> std::io::
 async fn answer(path: &str, readiness: &dyn Readiness) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/metrics" => {
-            readiness.refresh();
+            readiness.refresh().await;
             (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

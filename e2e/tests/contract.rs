@@ -1307,3 +1307,103 @@ async fn a_callers_new_initial_window_reaches_the_answers_under_way() {
         "then the trailers end the call: {frames:?}"
     );
 }
+
+/// A live Nix on the same store (here: python's sqlite3, holding the database's write lock as a
+/// `nix-store` write does) makes nix-cri's commits wait up to the busy timeout, holding the
+/// store. Every store query waits behind them, on a blocking thread: nix-cri's one async
+/// thread keeps relaying every other call meanwhile. The real binary runs here, as its runtime
+/// has one thread, which a test's runtime does not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_store_database_stalls_no_forwarded_call() {
+    let upstream = FakeUpstream::start().await;
+    let fx = nix_cri_e2e::fixtures();
+    let cache = nix_cri_e2e::CacheServer::start(fx.cache_dir("none"))
+        .await
+        .unwrap();
+    let nix_cri = nix_cri_e2e::NixCriServer::start(&upstream.socket, &cache.url(), &[])
+        .await
+        .unwrap();
+    version_is_echoed(&nix_cri.socket).await;
+
+    const HOLD_SECS: u64 = 6;
+    let db = nix_cri.root.join("nix/var/nix/db/db.sqlite");
+    let mut locker = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import sqlite3, sys, time\n\
+                 c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n\
+                 c.execute('begin immediate')\n\
+                 print('locked', flush=True)\n\
+                 time.sleep({HOLD_SECS})\n\
+                 c.execute('commit')\n"
+            ),
+        ])
+        .arg(&db)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(locker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let locked_at = std::time::Instant::now();
+
+    // A pull's commit waits for the lock, holding the store...
+    let image = format!("nix:0{}", fx.closure("main"));
+    let pull = cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let socket = nix_cri.socket.clone();
+    let pulled = tokio::spawn(async move {
+        raw_call(&socket, "/runtime.v1.ImageService/PullImage", &pull, &[]).await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // ...an ImageStatus of a nix image waits behind it...
+    let status = cri::ImageStatusRequest {
+        image: Some(cri::ImageSpec {
+            image,
+            ..Default::default()
+        }),
+        verbose: false,
+    }
+    .encode_to_vec();
+    let socket = nix_cri.socket.clone();
+    let status = tokio::spawn(async move {
+        raw_call(
+            &socket,
+            "/runtime.v1.ImageService/ImageStatus",
+            &status,
+            &[],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...while a forwarded call on another connection goes through at once.
+    version_is_echoed(&nix_cri.socket).await;
+    let answered_after = locked_at.elapsed();
+    assert!(
+        answered_after < Duration::from_secs(HOLD_SECS - 2),
+        "Version waited {answered_after:?} for a store lock it does not need\n{}",
+        nix_cri.log_tail()
+    );
+    // Both answer once the lock is gone.
+    for call in [pulled, status] {
+        let (headers, _, trailers) = call.await.unwrap();
+        let code = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| headers.get("grpc-status"))
+            .cloned();
+        assert!(code.is_some(), "{headers:?} {trailers:?}");
+    }
+    assert!(locker.wait().unwrap().success());
+}

@@ -65,7 +65,11 @@ impl Proxy {
     }
 
     /// Runs the policy once; returns the ids of the images it removed.
-    pub async fn enforce_gc_policy(&self, policy: &GcPolicy) -> Result<Vec<String>, CriError> {
+    /// Store usage and candidates are read on blocking threads (see `Proxy::blocking`).
+    pub async fn enforce_gc_policy(
+        self: &std::sync::Arc<Self>,
+        policy: &GcPolicy,
+    ) -> Result<Vec<String>, CriError> {
         let high = |u: &Usage| {
             u.fs_percent >= f64::from(policy.high_percent)
                 || policy
@@ -80,14 +84,18 @@ impl Proxy {
                             / u64::from(policy.high_percent.max(1))
                 })
         };
-        if !high(&self.usage()?) {
+        if !high(&self.blocking(|proxy| proxy.usage()).await?) {
             return Ok(Vec::new());
         }
+        let min_age = policy.min_age;
+        let candidates = self
+            .blocking(move |proxy| proxy.gc_candidates(min_age))
+            .await?;
         let mut removed = Vec::new();
-        for image in self.gc_candidates(policy.min_age)? {
+        for image in candidates {
             self.remove_image_for_gc(&image.id, &image.top).await?;
             removed.push(image.id);
-            if low(&self.usage()?) {
+            if low(&self.blocking(|proxy| proxy.usage()).await?) {
                 break;
             }
         }

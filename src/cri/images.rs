@@ -121,15 +121,17 @@ impl Proxy {
         result
     }
 
-    async fn pull_nix_image(&self, image: &str) -> Result<Response<Body>, CriError> {
+    async fn pull_nix_image(self: &Arc<Self>, image: &str) -> Result<Response<Body>, CriError> {
         let reference = NixReference::parse(image)?;
         let wanted = reference.target().clone();
         // Held by an in-progress root until the image root exists, so a GC in between
         // cannot take the closure.
         let pending = RootName::new(RootKind::Pull, &wanted_holder(&wanted))?;
         let realised = self.substituter.realise(&wanted, Some(&pending)).await?;
-        let root_image = self.images.image_for(&realised.top)?;
-        let id = root_image.id().to_owned();
+        let top = realised.top.clone();
+        let id = self
+            .blocking(move |proxy| Ok(proxy.images.image_for(&top)?.id().to_owned()))
+            .await?;
 
         // The runtime pulls the root image from our registry; its answer is the id the
         // runtime will report for containers made from it.
@@ -218,27 +220,35 @@ impl Proxy {
             })
             .unwrap_or_default();
         tracing::Span::current().record("image", image.as_str());
-        let found = self.find_nix_image(&image)?;
-        let Some(found) = found else {
+        let verbose = request.verbose;
+        let wanted = image.clone();
+        let response = self
+            .blocking(move |proxy| {
+                let Some(found) = proxy.find_nix_image(&wanted)? else {
+                    return Ok(None);
+                };
+                let mut info = std::collections::HashMap::new();
+                if verbose {
+                    let closure = proxy.store.closure(std::slice::from_ref(&found.top))?;
+                    let details = serde_json::json!({
+                        "storePath": found.top.to_absolute_path(),
+                        "closure": closure.iter().map(StorePath::to_absolute_path).collect::<Vec<_>>(),
+                        "rootImage": proxy.images.reference(&proxy.config.registry_addr, &found.top),
+                    });
+                    info.insert("info".to_owned(), details.to_string());
+                }
+                Ok(Some(cri::ImageStatusResponse {
+                    image: Some(proxy.image_message(&found)?),
+                    info,
+                }))
+            })
+            .await?;
+        let Some(response) = response else {
             if is_nix_reference(&image) {
                 // Absent is an empty answer, not an error.
                 return Ok(grpc::message_response(&[]));
             }
             return Ok(self.forward_unchanged(unary).await);
-        };
-        let mut info = std::collections::HashMap::new();
-        if request.verbose {
-            let closure = self.store.closure(std::slice::from_ref(&found.top))?;
-            let details = serde_json::json!({
-                "storePath": found.top.to_absolute_path(),
-                "closure": closure.iter().map(StorePath::to_absolute_path).collect::<Vec<_>>(),
-                "rootImage": self.images.reference(&self.config.registry_addr, &found.top),
-            });
-            info.insert("info".to_owned(), details.to_string());
-        }
-        let response = cri::ImageStatusResponse {
-            image: Some(self.image_message(&found)?),
-            info,
         };
         Ok(grpc::message_response(&response.encode_to_vec()))
     }
@@ -256,10 +266,13 @@ impl Proxy {
             .map(|i| i.image)
             .unwrap_or_default();
         if is_nix_reference(&filter) {
-            let images = match self.find_nix_image(&filter)? {
-                Some(image) => vec![self.image_message(&image)?],
-                None => Vec::new(),
-            };
+            let wanted = filter.clone();
+            let images = self
+                .blocking(move |proxy| match proxy.find_nix_image(&wanted)? {
+                    Some(image) => Ok(vec![proxy.image_message(&image)?]),
+                    None => Ok(Vec::new()),
+                })
+                .await?;
             return Ok(grpc::message_response(
                 &cri::ListImagesResponse { images }.encode_to_vec(),
             ));
@@ -323,7 +336,11 @@ impl Proxy {
         let request: cri::RemoveImageRequest = unary.decode("RemoveImage")?;
         let image = request.image.map(|i| i.image).unwrap_or_default();
         tracing::Span::current().record("image", image.as_str());
-        let Some(found) = self.find_nix_image(&image)? else {
+        let wanted = image.clone();
+        let found = self
+            .blocking(move |proxy| proxy.find_nix_image(&wanted))
+            .await?;
+        let Some(found) = found else {
             if is_nix_reference(&image) {
                 return Ok(grpc::message_response(&[]));
             }

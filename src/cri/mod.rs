@@ -191,6 +191,19 @@ impl Proxy {
         }
     }
 
+    /// Runs store work (SQLite, readdir, stat, hashing) on a blocking thread. The proxy has one
+    /// async thread, which must keep relaying every other call meanwhile: a store query can
+    /// wait up to the database's busy timeout for a lock that GC, a commit or a live Nix holds.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Proxy) -> Result<T, CriError> + Send + 'static,
+    ) -> Result<T, CriError> {
+        let proxy = self.clone();
+        tokio::task::spawn_blocking(move || work(&proxy))
+            .await
+            .map_err(|e| CriError::Internal(format!("store task: {e}")))?
+    }
+
     /// Forwards a call nix-cri read but does not change, with its original bytes.
     async fn forward_unchanged(&self, unary: Unary) -> Response<Body> {
         let body = grpc::boxed(Full::new(unary.body));
@@ -270,12 +283,16 @@ impl crate::metrics::Readiness for Proxy {
         })
     }
 
-    fn refresh(&self) {
-        if let Ok(usage) = self.store.usage() {
-            let metrics = crate::metrics::global();
-            metrics.store_bytes.set(usage.nar_bytes as i64);
-            metrics.store_paths.set(usage.paths as i64);
-        }
+    /// The store's usage, from its database: on a blocking thread.
+    fn refresh(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let store = self.store.clone();
+            if let Ok(Ok(usage)) = tokio::task::spawn_blocking(move || store.usage()).await {
+                let metrics = crate::metrics::global();
+                metrics.store_bytes.set(usage.nar_bytes as i64);
+                metrics.store_paths.set(usage.paths as i64);
+            }
+        })
     }
 }
 

@@ -170,10 +170,16 @@ impl Proxy {
                 image.user_specified_image.as_str()
             },
         );
-        let mut found = self.find_nix_image(&image.image)?;
-        if found.is_none() && crate::image::is_nix_reference(&image.user_specified_image) {
-            found = self.find_nix_image(&image.user_specified_image)?;
-        }
+        let (by_id, by_reference) = (image.image.clone(), image.user_specified_image.clone());
+        let found = self
+            .blocking(move |proxy| {
+                let found = proxy.find_nix_image(&by_id)?;
+                if found.is_none() && crate::image::is_nix_reference(&by_reference) {
+                    return proxy.find_nix_image(&by_reference);
+                }
+                Ok(found)
+            })
+            .await?;
         let Some(found) = found else {
             if crate::image::is_nix_reference(&image.image) {
                 return Err(CriError::NotPulled {

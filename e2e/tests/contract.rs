@@ -566,6 +566,31 @@ async fn bad_nix_references_are_invalid_argument_and_never_forwarded() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}");
         assert!(status.message().contains(bad), "{}", status.message());
     }
+    // A 1 MiB reference is refused with a message that quotes its start only: the whole of it
+    // (twice) made a 2 MB header block that clients refuse.
+    let huge = format!("nix:0/nix/store/{}", "x".repeat(1 << 20));
+    let status = images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: huge.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("nix:0/nix/store/xxx")
+            && status.message().ends_with("bytes cut)"),
+        "{}",
+        &status.message()[..200.min(status.message().len())]
+    );
+    assert!(
+        status.message().len() <= 4096,
+        "{} bytes",
+        status.message().len()
+    );
     // An absent nix image is an empty status, not an error.
     let status = images
         .image_status(cri::ImageStatusRequest {

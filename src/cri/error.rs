@@ -95,6 +95,7 @@ impl CriError {
     pub fn into_response(self) -> http::Response<super::grpc::Body> {
         let code = self.code();
         let message = self.message();
+        let message = super::grpc::bounded(&message);
         if code == Code::Internal || code == Code::Unknown {
             tracing::warn!(?code, %message, "CRI call failed");
         } else {

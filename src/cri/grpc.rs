@@ -52,6 +52,7 @@ pub fn message_response(message: &[u8]) -> Response<Body> {
 /// A failed call as a trailers-only response (status in the headers, no body), as gRPC
 /// servers send it.
 pub fn status_response(code: Code, message: &str) -> Response<Body> {
+    let message = bounded(message);
     let mut response = Response::new(empty_body());
     let headers = response.headers_mut();
     headers.insert(
@@ -59,10 +60,33 @@ pub fn status_response(code: Code, message: &str) -> Response<Body> {
         HeaderValue::from_static("application/grpc"),
     );
     headers.insert("grpc-status", HeaderValue::from(code as i32));
-    if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
+    if let Ok(value) = HeaderValue::from_str(&percent_encode(&message)) {
         headers.insert("grpc-message", value);
     }
     response
+}
+
+/// The most of a status message nix-cri sends (before percent-encoding). Messages quote what
+/// the caller sent, and a caller's input is bounded only by the message size: a 1 MiB image
+/// reference must not come back as a header block clients refuse.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `message`, cut to [`MAX_STATUS_MESSAGE`] bytes at a character boundary, saying how much
+/// was cut.
+pub fn bounded(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message.into();
+    }
+    let mut end = MAX_STATUS_MESSAGE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} more bytes cut)",
+        &message[..end],
+        message.len() - end
+    )
+    .into()
 }
 
 /// gRPC's `grpc-message` encoding: printable ASCII except `%` as is, the rest as `%XX`.
@@ -188,6 +212,19 @@ pub fn recv_body(recv: h2::RecvStream) -> Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_cut() {
+        let reference = format!("nix:0/{}", "é".repeat(600_000));
+        let message = format!("bad reference {reference}: also {reference}");
+        let response = status_response(Code::InvalidArgument, &message);
+        let sent = response.headers()["grpc-message"].len();
+        assert!(sent <= 3 * MAX_STATUS_MESSAGE + 64, "{sent} bytes");
+        let cut = bounded(&message);
+        assert!(cut.starts_with("bad reference nix:0/é"));
+        assert!(cut.ends_with("more bytes cut)"), "{cut}");
+        assert_eq!(bounded("short"), "short");
+    }
 
     #[test]
     fn messages_are_percent_encoded() {

@@ -1432,3 +1432,46 @@ async fn a_locked_store_database_stalls_no_forwarded_call() {
     }
     assert!(locker.wait().unwrap().success());
 }
+
+/// A pull that fails after its closure arrived (here: the runtime is down, so the root image
+/// cannot be pulled) leaves no in-progress root: nothing pins the closure, which stays valid
+/// for a retry. Pull roots left by a crash are swept at start-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_pull_leaves_no_pull_root() {
+    let fx = nix_cri_e2e::fixtures();
+    let cache = nix_cri_e2e::CacheServer::start(fx.cache_dir("none"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy_with(&dir.path().join("missing.sock"), &[cache.url()]).await;
+    let channel = tonic::transport::Endpoint::from_static("http://nix-cri")
+        .connect_with_connector(UnixConnector::new(&proxy.socket))
+        .await
+        .unwrap();
+    let mut images = cri::image_service_client::ImageServiceClient::new(channel);
+    let top = fx.closure("main");
+    let status = images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: format!("nix:0{top}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let roots = proxy.store.roots().unwrap();
+    assert!(roots.is_empty(), "{roots:?}");
+    let top = nix_cri::nix::StorePath::from_absolute_path(top).unwrap();
+    assert!(
+        proxy.store.is_valid(&top).unwrap(),
+        "the closure stays for a retry"
+    );
+
+    // A crash between a pull's start and its image root leaves a pull root behind.
+    let crashed = nix_cri::store::RootName::new(nix_cri::store::RootKind::Pull, "crashed").unwrap();
+    proxy.store.add_root(&crashed, &top).unwrap();
+    assert_eq!(proxy.proxy.sweep_pull_roots().unwrap(), 1);
+    assert!(proxy.store.roots().unwrap().is_empty());
+}

@@ -62,6 +62,19 @@ impl Proxy {
         Ok(self.nix_images()?.into_iter().find(|i| i.id == id))
     }
 
+    /// Drops every in-progress pull root. At start-up no pull is in progress, so any such root
+    /// is a crashed pull's, and would pin its closure for ever. Returns how many there were.
+    pub fn sweep_pull_roots(&self) -> Result<usize, CriError> {
+        let mut swept = 0;
+        for (name, _) in self.store.roots()? {
+            if name.kind() == RootKind::Pull {
+                self.store.remove_root(&name)?;
+                swept += 1;
+            }
+        }
+        Ok(swept)
+    }
+
     /// The CRI `Image` for a nix image.
     pub(super) fn image_message(&self, image: &NixImage) -> Result<cri::Image, CriError> {
         let root = self.images.image_for(&image.top)?;
@@ -124,10 +137,39 @@ impl Proxy {
     async fn pull_nix_image(self: &Arc<Self>, image: &str) -> Result<Response<Body>, CriError> {
         let reference = NixReference::parse(image)?;
         let wanted = reference.target().clone();
-        // Held by an in-progress root until the image root exists, so a GC in between
-        // cannot take the closure.
-        let pending = RootName::new(RootKind::Pull, &wanted_holder(&wanted))?;
-        let realised = self.substituter.realise(&wanted, Some(&pending)).await?;
+        // Held by an in-progress root of this pull's own until the image root exists, so a
+        // GC in between cannot take the closure. Its own: a failed pull takes it away again
+        // without touching a concurrent pull of the same image.
+        static PULLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let pending = RootName::new(
+            RootKind::Pull,
+            &format!(
+                "{}.{}",
+                wanted_holder(&wanted),
+                PULLS.fetch_add(1, Ordering::Relaxed)
+            ),
+        )?;
+        let result = self.pull_into_runtime(&reference, &wanted, &pending).await;
+        if result.is_err() {
+            // Paths already registered stay valid and unrooted: GC may collect them, and a
+            // retry after a failure past the substitution fetches nothing again.
+            let store = self.store.clone();
+            let dropped = pending.clone();
+            let _ = tokio::task::spawn_blocking(move || store.remove_root(&dropped)).await;
+        }
+        result
+    }
+
+    /// The rest of a pull, under its in-progress root `pending`: the closure, the root image
+    /// in the runtime, the image root.
+    async fn pull_into_runtime(
+        self: &Arc<Self>,
+        reference: &NixReference,
+        wanted: &Wanted,
+        pending: &RootName,
+    ) -> Result<Response<Body>, CriError> {
+        let pending = pending.clone();
+        let realised = self.substituter.realise(wanted, Some(&pending)).await?;
         let top = realised.top.clone();
         let id = self
             .blocking(move |proxy| Ok(proxy.images.image_for(&top)?.id().to_owned()))

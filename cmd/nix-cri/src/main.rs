@@ -350,6 +350,13 @@ async fn serve(file_config: Config, args: ServeArgs) -> anyhow::Result<()> {
     let listen = config.listen();
     let listener = nix_cri::cri::bind(&listen)?;
     let proxy = Proxy::new(upstream, substituter, images, proxy_config);
+    // Before serving, so no pull of ours is under way yet.
+    let sweeper = proxy.clone();
+    match tokio::task::spawn_blocking(move || sweeper.sweep_pull_roots()).await? {
+        Ok(0) => {}
+        Ok(swept) => tracing::info!(swept, "dropped the pull roots of pulls a crash cut short"),
+        Err(err) => tracing::warn!(err = %err.message(), "cannot sweep pull roots"),
+    }
     let metrics_addr = nix_cri::metrics::serve(metrics_addr, proxy.clone())
         .await
         .with_context(|| format!("cannot serve metrics on {metrics_addr}"))?;

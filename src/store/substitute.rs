@@ -90,6 +90,16 @@ pub enum SubstituteError {
         #[source]
         source: Box<CacheError>,
     },
+    #[error(
+        "no space left on the store's file system while unpacking {path} (writing {}): {source}",
+        entry.display()
+    )]
+    NoSpace {
+        path: StorePath,
+        entry: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("bad NAR for {path} from {substituter} ({compression}): {source}")]
     Nar {
         path: StorePath,
@@ -739,6 +749,16 @@ impl UnpackJob {
                 compression: self.compression.as_str().to_owned(),
                 message: source.to_string(),
             },
+            // The NAR is fine; the disk is full. Saying "bad NAR" sends users to the cache.
+            NarError::Io { path: entry, source }
+                if source.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                SubstituteError::NoSpace {
+                    path: path.clone(),
+                    entry,
+                    source,
+                }
+            }
             source => SubstituteError::Nar {
                 path: path.clone(),
                 substituter: self.substituter.clone(),

@@ -172,7 +172,10 @@ async fn a_full_disk_is_a_clear_error_and_leaves_a_consistent_store() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("No space left on device"), "{stderr}");
     // Said as what it is, not as a fault of the cache's NAR.
-    assert!(stderr.contains("no space left on the store's file system"), "{stderr}");
+    assert!(
+        stderr.contains("no space left on the store's file system"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("bad NAR"), "{stderr}");
     assert!(
         stderr.contains("/nix/store/"),

@@ -750,15 +750,14 @@ impl UnpackJob {
                 message: source.to_string(),
             },
             // The NAR is fine; the disk is full. Saying "bad NAR" sends users to the cache.
-            NarError::Io { path: entry, source }
-                if source.kind() == std::io::ErrorKind::StorageFull =>
-            {
-                SubstituteError::NoSpace {
-                    path: path.clone(),
-                    entry,
-                    source,
-                }
-            }
+            NarError::Io {
+                path: entry,
+                source,
+            } if source.kind() == std::io::ErrorKind::StorageFull => SubstituteError::NoSpace {
+                path: path.clone(),
+                entry,
+                source,
+            },
             source => SubstituteError::Nar {
                 path: path.clone(),
                 substituter: self.substituter.clone(),

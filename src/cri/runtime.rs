@@ -95,8 +95,13 @@ impl Proxy {
             .items;
         Ok(sandboxes.iter().any(|sandbox| {
             sandbox.metadata.as_ref().is_some_and(|m| m.uid == uid)
-                && sandbox.annotations.get(SANDBOX_ANNOTATION) == Some(&self.config.runtime_handler)
+                && self.marked_opted_in(&sandbox.annotations)
         }))
+    }
+
+    /// Whether a sandbox's annotations, as the runtime keeps them, carry our opt-in mark.
+    fn marked_opted_in(&self, annotations: &std::collections::HashMap<String, String>) -> bool {
+        annotations.get(SANDBOX_ANNOTATION) == Some(&self.config.runtime_handler)
     }
 
     pub(super) async fn remove_pod_sandbox(
@@ -142,8 +147,7 @@ impl Proxy {
             .into_inner();
         let opted_in = status
             .status
-            .and_then(|s| s.annotations.get(SANDBOX_ANNOTATION).cloned())
-            .is_some_and(|handler| handler == self.config.runtime_handler);
+            .is_some_and(|s| self.marked_opted_in(&s.annotations));
         self.remember_sandbox(id.to_owned(), opted_in);
         Ok(opted_in)
     }
